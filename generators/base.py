@@ -1,0 +1,199 @@
+"""The one small interface every model backend implements.
+
+Selectors and generators call models only through :class:`ModelBackend`, so the
+same stage runs on the ``hf`` (transformers), ``openai`` (any OpenAI-compatible
+server) and ``vllm`` (in-process engine) backends. Every method takes a batch.
+
+What each method is for:
+
+- :meth:`ModelBackend.generate` — raw prompts, no template (Magpie's pre-query
+  prompts, deita-style raw prompts).
+- :meth:`ModelBackend.chat` — chat messages through the model's chat template.
+- :meth:`ModelBackend.continuation_logprobs` — per-token log-probabilities of
+  given continuations, prompt tokens excluded (GRAPE).
+- :meth:`ModelBackend.next_token_logprobs` — the next-token log-probabilities of a
+  given set of single-token strings ("1".."6" for deita, "A","B","C" for CLEAR's
+  self-reflection).
+- top-k log-probs per generated position — ``SamplingParams.top_logprobs`` (KD).
+- :meth:`ModelBackend.embed` — sentence embeddings, or a causal LM's last-layer
+  hidden state at the last token (deita's representation).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+class ModelError(RuntimeError):
+    """A model call failed permanently (bad request, missing model, not a single token...)."""
+
+
+class NotSingleTokenError(ModelError):
+    """A string asked for in :meth:`ModelBackend.next_token_logprobs` is not one token."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters shared by every backend.
+
+    ``temperature == 0`` means greedy decoding. ``seed`` makes sampling
+    reproducible: the same seed, prompt and parameters give the same samples.
+    ``top_logprobs`` (k) asks for the top-k (token_id, logprob) pairs at every
+    generated position (logit-level KD).
+    """
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = 0
+    top_logprobs: int | None = None
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The fields that change results (all of them): used in request-cache keys."""
+        return {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "stop_token_ids": list(self.stop_token_ids),
+            "seed": self.seed,
+            "top_logprobs": self.top_logprobs,
+        }
+
+
+@dataclass
+class Completion:
+    """One sampled continuation."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" or "length"
+    # top_logprobs[position] = [(token_id, logprob), ...] (k entries), when asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
+class Generation:
+    """The ``n`` completions of one prompt."""
+
+    prompt: str
+    completions: list[Completion]
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+@dataclass
+class ContinuationScore:
+    """Log-probabilities of a given continuation's tokens, prompt excluded.
+
+    ``truncated`` is true when prompt + continuation did not fit the model's
+    context (or the caller's cap) and the continuation was cut from the right;
+    the scores then cover the kept tokens only.
+    """
+
+    token_ids: list[int]
+    token_logprobs: list[float]
+    truncated: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_logprobs)
+
+    @property
+    def sum(self) -> float:
+        return float(math.fsum(self.token_logprobs))
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.n_tokens if self.token_logprobs else float("nan")
+
+
+def restrict_logprobs(logprobs: np.ndarray) -> np.ndarray:
+    """Renormalize log-probabilities over the given candidates only (last axis).
+
+    ``softmax`` over a subset of logits equals this renormalization of the
+    full-vocabulary log-probabilities, so deita's "softmax over the six digit
+    logits" is ``np.exp(restrict_logprobs(x))``.
+    """
+    x = np.asarray(logprobs, dtype=np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))
+
+
+class ModelBackend(ABC):
+    """A loaded model behind one batched interface."""
+
+    #: e.g. ``"hf:embedded:smollm2-135m-instruct@<sha256[:12]>"``; enters cache keys.
+    identity: str
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (chat template included)."""
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str:
+        """Render messages with the model's chat template, as a string."""
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """Sample ``params.n`` continuations of each raw prompt (no template applied)."""
+
+    def chat(
+        self, conversations: Sequence[Sequence[Message]], params: SamplingParams
+    ) -> list[Generation]:
+        """Generate the assistant's next turn for each conversation."""
+        return self.generate([self.apply_chat_template(c) for c in conversations], params)
+
+    @abstractmethod
+    def continuation_logprobs(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        max_tokens: int | None = None,
+    ) -> list[ContinuationScore]:
+        """Per-token log p(continuation_t | prompt, continuation_<t), prompt tokens excluded.
+
+        Prompt and continuation are tokenized separately and their ids
+        concatenated, so the continuation's tokens are the same whatever the
+        prompt. ``max_tokens`` caps prompt + continuation length (default: the
+        model's context); longer inputs are truncated from the right and flagged.
+        """
+
+    @abstractmethod
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[str]
+    ) -> np.ndarray:
+        """Full-vocabulary log-probabilities of each candidate string as the next token.
+
+        Returns an array of shape ``(len(prompts), len(candidates))``. Each
+        candidate must be exactly one token in this model's tokenizer, else
+        :class:`NotSingleTokenError`. Use :func:`restrict_logprobs` to
+        renormalize over the candidates.
+        """
+
+    @abstractmethod
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings of shape ``(len(texts), dim)``, float32.
+
+        Sentence-transformer models: their own pooling, L2-normalized. Causal
+        LMs: the last layer's hidden state at the last token (deita), not
+        normalized.
+        """
