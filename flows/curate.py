@@ -1,0 +1,174 @@
+"""The Prefect flows: shard the corpus, run the configured stages on Dask, write the output.
+
+Orchestration only; the work itself is in :mod:`thresher.flows.pipeline`.
+
+- :func:`execute` runs a validated :class:`PipelineConfig` (the CLI calls it).
+- :func:`curate` is the deployable flow: it takes a config path plus overrides
+  (inputs, output, Dask address, workers) as parameters.
+
+Tasks run through ``prefect_dask.DaskTaskRunner``: a local cluster of
+``execution.workers`` processes by default, or the existing scheduler at
+``execution.dask_address``. A stage's ``resources`` (e.g. ``{GPU: 1}``) are given
+to Dask with ``dask.annotate`` so its tasks land only on workers that have them.
+Prefect's own result caching is off (``NO_CACHE``): resume comes from the
+content-addressed store, which, unlike Prefect's default policy, does not
+depend on the run id.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect_dask import DaskTaskRunner
+from tqdm.auto import tqdm
+
+from thresher.flows import pipeline
+from thresher.flows.manifest import build_manifest
+from thresher.flows.registry import stage_class
+from thresher.flows.store import Store
+from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry, load_config, parse_config
+from thresher.schemas.readers import discover_inputs
+from thresher.schemas.report import render_report
+from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
+
+
+@task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
+    return pipeline.ingest_file(path, ingest, store_root)
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def shard_task(ingested: list[dict], shard_rows: int, store_root: str) -> dict[str, Any]:
+    return pipeline.make_shards(ingested, shard_rows, store_root)
+
+
+@task(name="stage-on-shard", cache_policy=NO_CACHE, retry_delay_seconds=1)
+def shard_stage_task(entry: StageEntry, state: dict, store_root: str) -> dict[str, Any]:
+    return pipeline.run_shard_stage(entry, state, store_root)
+
+
+@task(name="stage-global", cache_policy=NO_CACHE, retry_delay_seconds=1)
+def global_stage_task(entry: StageEntry, states: list[dict], store_root: str) -> list[dict]:
+    return pipeline.run_global_stage(entry, states, store_root)
+
+
+def _submit(task_fn, entry: StageEntry, *args):
+    task_fn = task_fn.with_options(name=f"{entry.stage}", retries=entry.params.retries)
+    if entry.params.resources:
+        with dask.annotate(resources=dict(entry.params.resources)):
+            return task_fn.submit(entry, *args)
+    return task_fn.submit(entry, *args)
+
+
+def _progress(futures: list, label: str, show: bool) -> list:
+    """Wait for futures in order, with a progress bar; return their results."""
+    results = []
+    with tqdm(total=len(futures), desc=label, unit="task", disable=not show, leave=False) as bar:
+        for future in futures:
+            results.append(future.result())
+            bar.update(1)
+    return results
+
+
+def store_root_of(config: PipelineConfig) -> str:
+    return str(Path(config.cache_dir) if config.cache_dir else Path(config.out) / ".thresher")
+
+
+@flow(name="thresher-pipeline", log_prints=True, validate_parameters=False)
+def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, Any]:
+    """Ingest -> shard -> stages -> output, over Dask. Returns the run's manifest."""
+    started = time.perf_counter()
+    config = parse_config(config_data)
+    store_root = store_root_of(config)
+    paths = [str(p) for p in discover_inputs(config.inputs)]
+
+    ingest_futures = [ingest_task.submit(p, config.ingest, store_root) for p in paths]
+    ingested = _progress(ingest_futures, "ingest", show_progress)
+    sharding = shard_task.submit(ingested, config.shard_rows, store_root).result()
+    states = sharding["shards"]
+
+    stage_runs: list[list[dict]] = []
+    for entry in config.stages:
+        kind = stage_class(entry.stage).kind
+        if kind == "global":
+            states = _progress([_submit(global_stage_task, entry, states, store_root)], entry.stage, show_progress)[0]
+        else:
+            futures = [_submit(shard_stage_task, entry, s, store_root) for s in states]
+            states = _progress(futures, entry.stage, show_progress)
+        stage_runs.append([s["run"] for s in states])
+
+    store = Store(store_root)
+    kept = pipeline.collect_output(states, store)
+    rejected = pipeline.collect_rejected(ingested, sharding, states, store)
+    out = Path(config.out)
+    files = write_outputs(out, kept, rejected, config.output.rows_per_file)
+    manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, files,
+                              seconds=time.perf_counter() - started)
+    write_json_atomic(out / "manifest.json", manifest)
+    write_text_atomic(out / "report.md", render_report(manifest, out))
+    return manifest
+
+
+def make_task_runner(execution: ExecutionConfig) -> DaskTaskRunner:
+    """A DaskTaskRunner on the given scheduler, or on a new local cluster of worker processes."""
+    if execution.dask_address:
+        return DaskTaskRunner(address=execution.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": execution.workers,
+            "threads_per_worker": execution.threads_per_worker,
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )
+
+
+def apply_overrides(
+    config: PipelineConfig,
+    inputs: list[str] | None = None,
+    out: str | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> PipelineConfig:
+    """Command-line / deployment overrides: ``inputs`` replaces the config's inputs."""
+    config = config.model_copy(deep=True)
+    if inputs:
+        config.inputs = [str(Path(p).expanduser().resolve()) for p in inputs]
+    if out:
+        config.out = str(Path(out).expanduser().resolve())
+    if dask_address:
+        config.execution.dask_address = dask_address
+    if workers:
+        config.execution.workers = workers
+    if not config.inputs:
+        raise ValueError("no inputs: give them in the config ('inputs:') or with --input")
+    if not config.out:
+        raise ValueError("no output folder: give it in the config ('out:') or with --out")
+    return config
+
+
+def execute(config: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Run a validated config to completion; returns the manifest."""
+    runner = make_task_runner(config.execution)
+    run = pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{config.name}")
+    return run(config.to_dict(), show_progress=show_progress)
+
+
+@flow(name="thresher-curate", validate_parameters=True)
+def curate(
+    config_path: str,
+    inputs: list[str] | None = None,
+    out: str | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Deployable entry point: run the pipeline in ``config_path`` with optional overrides."""
+    config = apply_overrides(load_config(config_path), inputs, out, dask_address, workers)
+    manifest = execute(config, show_progress=False)
+    return {"out": config.out, "counts": manifest["counts"]}

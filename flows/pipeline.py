@@ -1,0 +1,253 @@
+"""The pipeline's units of work, as plain functions over the content-addressed store.
+
+Prefect tasks (:mod:`thresher.flows.curate`) call these; they hold no
+orchestration. Every function first looks its key up in the store and returns
+the finished result when it is there, so a re-run recomputes nothing and a
+killed run resumes.
+
+A shard's state is a small JSON-able dict::
+
+    {"index": 3, "key": "<lineage digest>", "base": "<shard key>",
+     "layers": [["validate", "<key>"], ["exact_dedup", "<key>"], ...]}
+
+Its rows at any point are the base shard minus every layer's rejected rows,
+joined with every layer's attribute columns (:func:`shard_view`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from thresher.flows.store import Store, digest, file_digest
+from thresher.schemas.config import IngestConfig, StageEntry
+from thresher.schemas.formats import REASON_UNREADABLE_FILE
+from thresher.schemas.readers import (
+    INGEST_STAGE, READER_VERSION, UnreadableFileError, read_file, source_name,
+)
+from thresher.schemas.records import (
+    REJECTED_SCHEMA, make_rejected, records_table, rejected_table,
+)
+
+SHARDING_VERSION = "1"
+SHARDING_STAGE = "shard"
+REASON_DUPLICATE_ROW = "duplicate_row"
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest_file(path: str, ingest: IngestConfig, store_root: str) -> dict[str, Any]:
+    """Read one input file into canonical records + rejected rows, stored under its key."""
+    store = Store(store_root)
+    file = Path(path)
+    key = digest({
+        "reader": READER_VERSION, "file": file_digest(file), "source": source_name(file),
+        "format": ingest.format, "max_row_bytes": ingest.max_row_bytes,
+    })
+    if store.is_done(INGEST_STAGE, key):
+        return {**store.read_info(INGEST_STAGE, key), "cached": True}
+    started = time.perf_counter()
+    try:
+        result = read_file(file, ingest.format, ingest.max_row_bytes)
+        records, rejected, fmt = result.records, result.rejected, result.format
+    except UnreadableFileError as err:
+        if ingest.on_unreadable_file == "error":
+            raise
+        records, fmt = [], None
+        rejected = [make_rejected(source=source_name(file), source_row=-1, stage=INGEST_STAGE,
+                                  reason=REASON_UNREADABLE_FILE, detail=err.reason, raw=None)]
+    info = {
+        "path": str(file), "source": source_name(file), "key": key, "format": fmt,
+        "records": len(records), "rejected": len(rejected),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    store.write(INGEST_STAGE, key, {"records": records_table(records), "rejected": rejected_table(rejected)}, info)
+    return {**info, "cached": False}
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def _pack_groups(group_ids: list[str], shard_rows: int) -> list[list[int]]:
+    """Row positions per shard: groups in order of first appearance, never split."""
+    members: dict[str, list[int]] = {}
+    for position, gid in enumerate(group_ids):
+        members.setdefault(gid, []).append(position)
+    shards: list[list[int]] = [[]]
+    for rows in members.values():
+        if shards[-1] and len(shards[-1]) + len(rows) > shard_rows:
+            shards.append([])
+        shards[-1].extend(rows)
+    return [s for s in shards if s]
+
+
+def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str) -> dict[str, Any]:
+    """Split the ingested corpus into shards of about ``shard_rows`` rows, groups kept whole.
+
+    Returns ``{"key", "shards": [state, ...], "rejected": n, "cached"}``. Rows whose
+    ``row_id`` repeats an earlier row's (the same content from the same source
+    name, e.g. one file given twice) are rejected as ``duplicate_row``.
+    """
+    store = Store(store_root)
+    ingested = sorted(ingested, key=lambda info: info["path"])
+    key = digest({"version": SHARDING_VERSION, "inputs": [i["key"] for i in ingested], "shard_rows": shard_rows})
+    if store.is_done(SHARDING_STAGE, key):
+        return {**store.read_info(SHARDING_STAGE, key), "cached": True}
+    tables = [store.read_table(INGEST_STAGE, i["key"], "records") for i in ingested]
+    corpus = pa.concat_tables(tables) if tables else records_table([])
+    row_ids = corpus["row_id"].to_pylist()
+    seen: set[str] = set()
+    keep = []
+    duplicates = []
+    for position, rid in enumerate(row_ids):
+        if rid in seen:
+            duplicates.append(position)
+        else:
+            seen.add(rid)
+            keep.append(position)
+    dup_rows = corpus.take(duplicates).to_pylist() if duplicates else []
+    rejected = rejected_table(
+        make_rejected(source=r["source"], source_row=r["source_row"], stage=SHARDING_STAGE,
+                      reason=REASON_DUPLICATE_ROW, detail=f"row_id {r['row_id']} already read",
+                      raw=_raw(r["messages"]), row_id=r["row_id"])
+        for r in dup_rows
+    )
+    corpus = corpus.take(keep)
+    states = []
+    for index, positions in enumerate(_pack_groups(corpus["group_id"].to_pylist(), shard_rows)):
+        shard = corpus.take(positions)
+        shard_key = digest({"rows": shard["row_id"].to_pylist()})
+        store.write("shards", shard_key, {"records": shard}, {"rows": shard.num_rows})
+        states.append({"index": index, "key": shard_key, "base": shard_key, "layers": [], "rows": shard.num_rows})
+    info = {"key": key, "shards": states, "rejected": rejected.num_rows}
+    store.write(SHARDING_STAGE, key, {"rejected": rejected}, info)
+    return {**info, "cached": False}
+
+
+def _raw(messages: list[dict]) -> str:
+    import json
+
+    return json.dumps(messages, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _join_attributes(rows: pa.Table, attributes: pa.Table) -> pa.Table:
+    """Left-join attribute columns onto rows by ``row_id`` (list columns supported)."""
+    positions = pc.index_in(rows["row_id"], value_set=attributes["row_id"])
+    for name in attributes.column_names:
+        if name == "row_id":
+            continue
+        column = attributes[name].take(positions)
+        if name in rows.column_names:
+            rows = rows.set_column(rows.column_names.index(name), name, column)
+        else:
+            rows = rows.append_column(name, column)
+    return rows
+
+
+def shard_view(state: dict[str, Any], store: Store) -> pa.Table:
+    """The shard's surviving rows with every attribute written so far."""
+    rows = store.read_table("shards", state["base"], "records")
+    for stage, key in state["layers"]:
+        rejected = store.read_table(stage, key, "rejected")
+        if rejected is not None and rejected.num_rows:
+            rows = rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=rejected["row_id"])))
+        attributes = store.read_table(stage, key, "attributes")
+        if attributes is not None:
+            rows = _join_attributes(rows, attributes)
+    return rows
+
+
+def _layer_key(previous: str, identity: dict[str, Any]) -> str:
+    return digest({"input": previous, "stage": identity})
+
+
+def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
+    if store.is_done(stage.name, key):
+        return {**store.read_info(stage.name, key), "cached": True}
+    stage.check_columns(rows)
+    started = time.perf_counter()
+    output = stage.process(rows)
+    info = {
+        "stage": stage.name, "key": key, "in": rows.num_rows, "rejected": len(output.rejected),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    store.write(stage.name, key, {"attributes": output.attributes, "rejected": output.rejected_table()}, info)
+    return {**info, "cached": False}
+
+
+def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -> dict[str, Any]:
+    """Run a per-shard stage on one shard (or reuse its finished result)."""
+    store = Store(store_root)
+    stage = entry.build()
+    key = _layer_key(state["key"], stage.identity())
+    if store.is_done(stage.name, key):
+        run = {**store.read_info(stage.name, key), "cached": True}
+    else:
+        run = _run_stage(stage, shard_view(state, store), store, key)
+    return {**state, "key": key, "layers": [*state["layers"], [stage.name, key]], "run": run}
+
+
+def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root: str) -> list[dict[str, Any]]:
+    """Run a global stage over all shards at once (or reuse its finished result)."""
+    store = Store(store_root)
+    stage = entry.build()
+    key = _layer_key(digest([s["key"] for s in states]), stage.identity())
+    if store.is_done(stage.name, key):
+        run = {**store.read_info(stage.name, key), "cached": True}
+    else:
+        views = [shard_view(s, store) for s in states]
+        rows = pa.concat_tables(views, promote_options="default") if views else records_table([])
+        run = _run_stage(stage, rows, store, key)
+    return [
+        {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run}
+        for s in states
+    ]
+
+
+# --------------------------------------------------------------------------- collecting results
+
+
+def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store) -> pa.Table:
+    """Every rejected row of the run: its source, row, stage, reason, detail and raw text."""
+    parts = [store.read_table(INGEST_STAGE, i["key"], "rejected") for i in sorted(ingested, key=lambda x: x["path"])]
+    parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
+    bases = [store.read_table("shards", s["base"], "records") for s in states]
+    corpus = pa.concat_tables(bases) if bases else records_table([])
+    by_id = {rid: i for i, rid in enumerate(corpus["row_id"].to_pylist())}
+    seen_layers: set[tuple[str, str]] = set()
+    for state in states:
+        for stage, key in state["layers"]:
+            if (stage, key) in seen_layers:
+                continue
+            seen_layers.add((stage, key))
+            table = store.read_table(stage, key, "rejected")
+            if table is None or not table.num_rows:
+                continue
+            positions = [by_id[r] for r in table["row_id"].to_pylist()]
+            base = corpus.take(positions)
+            parts.append(pa.table({
+                "row_id": table["row_id"],
+                "source": base["source"],
+                "source_row": base["source_row"],
+                "stage": pa.array([stage] * table.num_rows, pa.string()),
+                "reason": table["reason"],
+                "detail": table["detail"],
+                "value": table["value"],
+                "raw": pa.array([_raw(m) for m in base["messages"].to_pylist()], pa.string()),
+            }, schema=REJECTED_SCHEMA))
+    parts = [p for p in parts if p is not None]
+    return pa.concat_tables(parts) if parts else rejected_table([])
+
+
+def collect_output(states: list[dict], store: Store) -> pa.Table:
+    """The surviving rows of every shard, in shard order, with all attributes."""
+    views = [shard_view(s, store) for s in states]
+    return pa.concat_tables(views, promote_options="default") if views else records_table([])

@@ -1,0 +1,179 @@
+"""Pipeline configuration: pydantic models loaded from YAML, checked before any work starts.
+
+An unknown key or a wrong type is a :class:`ConfigError` naming the key path
+(``stages[1] (select).budgt: unknown key``). Relative paths in a config file are
+resolved against the file's folder, so a config runs the same from any directory.
+
+Example::
+
+    name: demo
+    inputs: [../../shared/data/codealpaca/code_alpaca_2k.json]
+    shard_rows: 500
+    ingest: {format: auto, max_row_bytes: 200000}
+    stages:
+      - stage: validate
+      - stage: exact_dedup
+      - stage: select
+        budget: 1000
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from thresher.schemas.formats import FORMATS
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key that caused it."""
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("auto", description="auto, or one of the reader formats")
+    max_row_bytes: int = Field(1_000_000, ge=1, description="rows larger than this are quarantined")
+    on_unreadable_file: Literal["error", "skip"] = Field(
+        "error", description="error: stop with a clear message; skip: record it as rejected and go on"
+    )
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value != "auto" and value not in FORMATS:
+            raise ValueError(f"unknown format '{value}'; choose auto or one of {sorted(FORMATS)}")
+        return value
+
+
+class ExecutionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    workers: int = Field(2, ge=1, description="local cluster worker processes (when no dask_address)")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rows_per_file: int = Field(50_000, ge=1, description="rows per output Parquet file")
+
+
+class StageEntry(BaseModel):
+    """One configured stage: its registered name and validated parameters."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    stage: str
+    params: Any
+
+    def build(self):
+        from thresher.flows.registry import stage_class
+
+        return stage_class(self.stage)(self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, **self.params.model_dump(mode="json", exclude_defaults=True)}
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = "thresher"
+    inputs: list[str] = Field(default_factory=list)
+    out: str | None = None
+    cache_dir: str | None = Field(None, description="work store; default <out>/.thresher")
+    shard_rows: int = Field(2000, ge=1, description="rows per shard (a group is never split)")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    stages: list[StageEntry] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [s.to_dict() for s in self.stages]
+        return data
+
+
+def _where(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _explain(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        where = prefix + _where(tuple(e["loc"]))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def _stage_entries(raw_stages: Any) -> list[StageEntry]:
+    from thresher.flows.registry import UnknownStageError, stage_class
+
+    if not isinstance(raw_stages, list):
+        raise ConfigError("stages: must be a list of {stage: <name>, ...params}")
+    entries = []
+    for i, raw in enumerate(raw_stages):
+        if isinstance(raw, str):
+            raw = {"stage": raw}
+        if not isinstance(raw, dict) or "stage" not in raw:
+            raise ConfigError(f"stages[{i}]: each stage needs a 'stage: <name>' key")
+        params = dict(raw)
+        name = params.pop("stage")
+        try:
+            cls = stage_class(name)
+        except UnknownStageError as err:
+            raise ConfigError(f"stages[{i}].stage: {err}") from None
+        try:
+            entries.append(StageEntry(stage=name, params=cls.Params(**params)))
+        except ValidationError as err:
+            raise ConfigError(_explain(err, prefix=f"stages[{i}] ({name}).")) from None
+    return entries
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None, origin: str = "config") -> PipelineConfig:
+    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of keys")
+    data = dict(data)
+    stages = _stage_entries(data.pop("stages", []))
+    try:
+        config = PipelineConfig(**data, stages=[])
+    except ValidationError as err:
+        raise ConfigError(f"{origin}: {_explain(err)}") from None
+    config.stages = stages
+    if base_dir is not None:
+        config.inputs = [_resolve(p, base_dir) for p in config.inputs]
+        if config.out:
+            config.out = _resolve(config.out, base_dir)
+        if config.cache_dir:
+            config.cache_dir = _resolve(config.cache_dir, base_dir)
+    return config
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML pipeline config (a clear :class:`ConfigError` on any problem)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    return parse_config(data, base_dir=path.resolve().parent, origin=str(path))

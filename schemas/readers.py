@@ -1,0 +1,269 @@
+"""Read input files into canonical records, quarantining every row that cannot be read.
+
+Accepted inputs: JSON (a list of objects, or an object holding one such list),
+JSONL, Parquet, and ``datasets`` ``save_to_disk`` folders; given as files, globs
+or directories (searched recursively). A row that cannot be read (malformed
+JSON line, invalid UTF-8, wrong type, missing or empty field, unknown role,
+duplicated id, over the size limit) becomes a rejected entry with its file, row,
+reason and raw text; it never stops the file. A file that cannot be read at all
+raises :class:`UnreadableFileError` (or, by option, becomes one rejected entry).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from thresher.schemas import formats as F
+from thresher.schemas.records import content_id, make_record, make_rejected
+
+READER_VERSION = "1"
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
+INGEST_STAGE = "ingest"
+
+
+class UnreadableFileError(RuntimeError):
+    """A whole input file cannot be read (names the file and why)."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class NoInputError(RuntimeError):
+    """An input pattern matched no file."""
+
+
+@dataclass
+class RawRecord:
+    index: int
+    raw: str | None
+    value: Any = None
+    error: F.RowError | None = None
+
+
+@dataclass
+class FileResult:
+    """What reading one file produced."""
+
+    source: str
+    format: str | None
+    records: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    @property
+    def n_input(self) -> int:
+        return len(self.records) + len(self.rejected)
+
+
+def is_datasets_folder(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_info.json").exists()
+        or (path / "state.json").exists()
+        or (path / "dataset_dict.json").exists()
+    )
+
+
+def discover_inputs(patterns: list[str]) -> list[Path]:
+    """Expand files, globs and directories into a sorted, de-duplicated list of inputs."""
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = [Path(p) for p in sorted(glob.glob(str(pattern), recursive=True))]
+        if not matches:
+            raise NoInputError(f"input '{pattern}' matches no file or folder")
+        for match in matches:
+            for path in _expand(match):
+                found.setdefault(path.resolve(), None)
+    if not found:
+        raise NoInputError(f"inputs {patterns} hold no .json/.jsonl/.parquet file or datasets folder")
+    return sorted(found)
+
+
+def _expand(path: Path) -> Iterator[Path]:
+    if path.is_file():
+        yield path
+    elif is_datasets_folder(path):
+        yield path
+    elif path.is_dir():
+        for child in sorted(path.iterdir()):
+            if child.name.startswith("."):
+                continue
+            if child.is_dir() or child.suffix.lower() in DATA_SUFFIXES:
+                yield from _expand(child)
+
+
+def source_name(path: Path) -> str:
+    """``<parent folder>/<file name>``: stable wherever the data set is stored."""
+    return f"{path.parent.name}/{path.name}"
+
+
+# --------------------------------------------------------------------------- raw records
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _dump(value: Any) -> str:
+    return _printable(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+    with open(path, "rb") as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raw = line.decode("utf-8", "backslashreplace").rstrip("\r\n")
+                detail = f"invalid UTF-8 byte at column {err.start + 1}"
+                yield RawRecord(index, raw, error=F.RowError(F.REASON_INVALID_UTF8, detail))
+                continue
+            text = text.rstrip("\r\n")
+            try:
+                yield RawRecord(index, text, json.loads(text))
+            except json.JSONDecodeError as err:
+                detail = f"{err.msg} at column {err.colno}"
+                yield RawRecord(index, text, error=F.RowError(F.REASON_MALFORMED_JSON, detail))
+
+
+def _iter_json(path: Path) -> Iterator[RawRecord]:
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        first = text.lstrip().split("\n", 1)[0]
+        if first.startswith("{"):  # a JSONL file named .json
+            yield from _iter_jsonl(path)
+            return
+        raise UnreadableFileError(path, f"malformed JSON: {err.msg} at line {err.lineno}, column {err.colno}")
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UnreadableFileError(path, "a JSON file must hold a list of rows (or an object with one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UnreadableFileError(path, f"a JSON file must hold a list of rows, found {type(data).__name__}")
+    for index, value in enumerate(data):
+        yield RawRecord(index, None, value)
+
+
+def _iter_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise UnreadableFileError(path, f"not a readable Parquet file ({err})") from err
+    index = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for value in batch.to_pylist():
+            yield RawRecord(index, None, value)
+            index += 1
+
+
+def _iter_datasets_folder(path: Path) -> Iterator[RawRecord]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise UnreadableFileError(path, f"not a readable datasets folder ({err})") from err
+    splits = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    index = 0
+    for split in splits:
+        for batch in split.data.table.to_batches(max_chunksize=4096):
+            for value in batch.to_pylist():
+                yield RawRecord(index, None, value)
+                index += 1
+
+
+def iter_raw_records(path: Path) -> Iterator[RawRecord]:
+    """Every record of a file, in order, parsed or carrying the error that stopped it."""
+    if is_datasets_folder(path):
+        return _iter_datasets_folder(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _iter_jsonl(path)
+    if suffix == ".json":
+        return _iter_json(path)
+    if suffix == ".parquet":
+        return _iter_parquet(path)
+    raise UnreadableFileError(path, f"unknown file type '{suffix}' (expected .json, .jsonl, .parquet or a datasets folder)")
+
+
+# --------------------------------------------------------------------------- one file
+
+
+def read_file(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_000) -> FileResult:
+    """Read one file into canonical records and rejected entries (see module doc)."""
+    if fmt != "auto" and fmt not in F.FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; choose one of: auto, {', '.join(F.FORMATS)}")
+    source = source_name(path)
+    result = FileResult(source, None if fmt == "auto" else fmt)
+    seen_ids: dict[str, int] = {}
+    occurrences: dict[str, int] = {}
+
+    def reject(raw: RawRecord, reason: str, detail: str) -> None:
+        raw_text = raw.raw if raw.raw is not None else _dump(raw.value)
+        result.rejected.append(
+            make_rejected(source=source, source_row=raw.index, stage=INGEST_STAGE,
+                          reason=reason, detail=detail, raw=raw_text)
+        )
+
+    if not path.exists():
+        raise UnreadableFileError(path, "no such file")
+    for raw in iter_raw_records(path):
+        if raw.error is not None:
+            reject(raw, raw.error.reason, raw.error.detail)
+            continue
+        size = len(raw.raw.encode("utf-8", "surrogateescape")) if raw.raw is not None else len(
+            json.dumps(raw.value, ensure_ascii=False, default=str).encode("utf-8", "surrogateescape"))
+        if size > max_row_bytes:
+            reject(raw, F.REASON_TOO_LARGE, f"row is {size} bytes, over the limit of {max_row_bytes}")
+            continue
+        if not isinstance(raw.value, dict):
+            reject(raw, F.REASON_NOT_AN_OBJECT, f"row is a JSON {type(raw.value).__name__}, not an object")
+            continue
+        if _has_lone_surrogate(raw.value):
+            reject(raw, F.REASON_INVALID_UTF8, "text holds bytes that are not valid UTF-8")
+            continue
+        if result.format is None:
+            result.format = F.detect_format(raw.value)
+            if result.format is None:
+                reject(raw, F.REASON_UNRECOGNIZED, f"no known format has the fields {sorted(raw.value)}")
+                continue
+        own_id = F.record_id(raw.value)
+        if own_id is not None:
+            if own_id in seen_ids:
+                reject(raw, F.REASON_DUPLICATE_ID, f"id {own_id!r} already used by row {seen_ids[own_id]}")
+                continue
+            seen_ids[own_id] = raw.index
+        try:
+            parsed = F.FORMATS[result.format](raw.value)
+        except F.RowError as err:
+            reject(raw, err.reason, err.detail)
+            continue
+        for item in parsed:
+            key = content_id(item.messages)
+            occurrence = occurrences.get(key, 0)
+            occurrences[key] = occurrence + 1
+            result.records.append(
+                make_record(item.messages, source, raw.index, occurrence, item.candidate, item.meta)
+            )
+    return result

@@ -1,0 +1,81 @@
+"""Output writers: the Parquet data set, the rejected rows, the attributes, the manifest.
+
+Layout of ``OUT/``::
+
+    data/part-00000.parquet        row_id, group_id, messages, source, source_row, candidate, meta
+    attributes/part-00000.parquet  row_id + every attribute column stages wrote (kept rows)
+    rejected/part-00000.parquet    row_id, source, source_row, stage, reason, detail, value, raw
+    manifest.json                  counts, config, versions, timings
+    report.md                      the funnel, for people
+
+``data/`` loads as-is with ``datasets.load_dataset("parquet", data_files="OUT/data/*.parquet")``
+and TRL's ``SFTTrainer`` (the ``messages`` column). The folders are written to a
+temporary folder first and swapped in, so a crash never leaves half an output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from thresher.schemas.records import RECORD_SCHEMA
+
+OUTPUT_FOLDERS = ("data", "attributes", "rejected")
+
+
+def _write_parts(table: pa.Table, folder: Path, rows_per_file: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    n_parts = max(1, -(-table.num_rows // rows_per_file))
+    for part in range(n_parts):
+        name = f"part-{part:05d}.parquet"
+        pq.write_table(table.slice(part * rows_per_file, rows_per_file), folder / name)
+        names.append(name)
+    return names
+
+
+def split_output(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(canonical data columns, row_id + attribute columns) of the kept rows."""
+    data = rows.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+    extra = [c for c in rows.column_names if c not in RECORD_SCHEMA.names]
+    return data, rows.select(["row_id", *extra])
+
+
+def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, rows_per_file: int) -> dict[str, list[str]]:
+    """Write data/, attributes/ and rejected/ atomically (swap in whole folders)."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
+    data, attributes = split_output(kept)
+    files = {
+        "data": _write_parts(data, staging / "data", rows_per_file),
+        "attributes": _write_parts(attributes, staging / "attributes", rows_per_file),
+        "rejected": _write_parts(rejected, staging / "rejected", rows_per_file),
+    }
+    for folder in OUTPUT_FOLDERS:
+        target = out / folder
+        old = out / f".old-{folder}-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(staging / folder, target)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return files
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=str, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
