@@ -117,10 +117,10 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
                       raw=_raw(r["messages"]), row_id=r["row_id"])
         for r in dup_rows
     )
-    corpus = corpus.take(keep)
+    corpus = corpus.take(pa.array(keep, pa.int64()))
     states = []
     for index, positions in enumerate(_pack_groups(corpus["group_id"].to_pylist(), shard_rows)):
-        shard = corpus.take(positions)
+        shard = corpus.take(pa.array(positions, pa.int64()))
         shard_key = digest({"rows": shard["row_id"].to_pylist()})
         store.write("shards", shard_key, {"records": shard}, {"rows": shard.num_rows})
         states.append({"index": index, "key": shard_key, "base": shard_key, "layers": [], "rows": shard.num_rows})

@@ -115,7 +115,12 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 
 def _printable(text: str) -> str:
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """Readable text: undecodable input bytes shown as ``\\xNN``, lone surrogates as ``\\udXXX``."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return data.decode("utf-8", "backslashreplace")
 
 
 def _dump(value: Any) -> str:

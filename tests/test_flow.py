@@ -1,0 +1,179 @@
+"""The real flow: Prefect + a real local Dask cluster + Parquet, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from thresher.flows.curate import execute
+from thresher.schemas.config import parse_config
+
+
+def _config(tmp_path: Path, inputs: list, name: str = "t", workers: int = 1, shard_rows: int = 200, stages=None):
+    return parse_config({
+        "name": name,
+        "inputs": [str(p) for p in inputs],
+        "out": str(tmp_path / name),
+        "shard_rows": shard_rows,
+        "execution": {"workers": workers},
+        "stages": stages if stages is not None else [
+            {"stage": "validate"}, {"stage": "exact_dedup"},
+        ],
+    })
+
+
+def _data(out: Path):
+    return pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def messy_input(tmp_path_factory, shared_data):
+    """Real rows plus real malformed ones: one of each problem, and an exact duplicate."""
+    folder = tmp_path_factory.mktemp("messy")
+    good = json.loads((shared_data / "alpaca_eval/gpt4_1106_preview.json").read_text())[:30]
+    lines = [json.dumps(r).encode() for r in good]
+    lines += [
+        b'{"instruction": "broken", ',
+        b'{"instruction": "caf\xe9", "output": "x"}',
+        b'{"instruction": "no output"}',
+        json.dumps(good[0]).encode(),  # exact duplicate of row 0
+        json.dumps({"instruction": good[1]["instruction"] + "  ", "output": good[1]["output"]}).encode(),
+    ]
+    path = folder / "messy.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_run_writes_data_rejected_manifest_report(tmp_path, shared_data, messy_input):
+    inputs = [messy_input, shared_data / "sharegpt/dummy_conversation.json"]
+    manifest = execute(_config(tmp_path, inputs, shard_rows=100), show_progress=False)
+    out = tmp_path / "t"
+    c = manifest["counts"]
+    assert c["input"] == 35 + 500
+    assert c["input"] == c["output"] + c["rejected"]
+    assert c["rejected_by_reason"] == {
+        "malformed_json": 1, "invalid_utf8": 1, "missing_field": 1,
+        "exact_duplicate": 2,  # a verbatim copy, and a copy equal after whitespace folding
+    }
+    rejected = pq.read_table(sorted((out / "rejected").glob("*.parquet"))).to_pylist()
+    assert len(rejected) == c["rejected"]
+    assert all(r["reason"] and r["source"] and r["raw"] for r in rejected)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["counts"] == c and on_disk["versions"]["thresher"]
+    assert "rows in" in (out / "report.md").read_text()
+
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    assert loaded.num_rows == c["output"]
+    assert set(loaded[0]["messages"][0]) == {"role", "content"}
+    attributes = pq.read_table(out / "attributes").num_rows if (out / "attributes").is_dir() else 0
+    assert attributes == c["output"]
+
+
+def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
+    inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel", "vicuna-7b")]
+    stages = [{"stage": "validate"}, {"stage": "exact_dedup"},
+              {"stage": "select", "where": ["candidate != example"]}]
+    one = execute(_config(tmp_path, inputs, "one", workers=1, shard_rows=150, stages=stages), show_progress=False)
+    two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=40, stages=stages), show_progress=False)
+    assert one["counts"] == two["counts"]
+    assert two["shards"]["count"] > one["shards"]["count"] > 1
+    assert _data(tmp_path / "one") == _data(tmp_path / "two")
+    assert one["counts"]["rejected_by_reason"] == {"select_where": 805}
+
+
+def test_rerun_recomputes_nothing(tmp_path, shared_data):
+    config = _config(tmp_path, [shared_data / "gsm8k/test.jsonl"], shard_rows=300,
+                     stages=[{"stage": "validate"}, {"stage": "exact_dedup"}, {"stage": "select", "budget": 100}])
+    first = execute(config, show_progress=False)
+    assert all(s["computed"] > 0 and s["cached"] == 0 for s in first["stages"])
+    second = execute(config, show_progress=False)
+    assert all(s["computed"] == 0 and s["cached"] > 0 for s in second["stages"])
+    assert all(i["cached"] for i in second["inputs"])
+    assert second["counts"] == first["counts"]
+    # a new budget re-runs the selection only
+    changed = config.model_copy(deep=True)
+    changed.stages[2] = parse_config({"stages": [{"stage": "select", "budget": 50}]}).stages[0]
+    third = execute(changed, show_progress=False)
+    assert [s["computed"] for s in third["stages"]] == [0, 0, 1]
+    assert third["counts"]["output"] == 50
+
+
+def _thresher(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "thresher.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_killed_run_resumes_with_the_same_output(tmp_path, shared_data):
+    config = tmp_path / "kill.yaml"
+    config.write_text(
+        f"inputs: [{shared_data / 'gsm8k/train.jsonl'}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
+        "stages: [{stage: validate}, {stage: exact_dedup}, {stage: select, budget: 5000}]\n"
+    )
+    killed_out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(killed_out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    validate_dir = killed_out / ".thresher" / "validate"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if validate_dir.is_dir() and len(list(validate_dir.iterdir())) >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before_kill = len(list(validate_dir.iterdir()))
+    assert not (killed_out / "manifest.json").exists()
+
+    resumed = _thresher("run", str(config), "--out", str(killed_out), "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((killed_out / "manifest.json").read_text())
+    validate = manifest["stages"][0]
+    assert validate["cached"] >= finished_before_kill - 1  # an unfinished write is redone
+    assert validate["computed"] + validate["cached"] == manifest["shards"]["count"]
+
+    clean_out = tmp_path / "clean"
+    clean = _thresher("run", str(config), "--out", str(clean_out), "-q")
+    assert clean.returncode == 0, clean.stderr
+    assert _data(killed_out) == _data(clean_out)
+    assert json.loads((clean_out / "manifest.json").read_text())["counts"] == manifest["counts"]
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [x.json]\nstages: [{stage: select, budgt: 1}]\n")
+    result = _thresher("run", str(bad), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "stages[0] (select).budgt: unknown key" in result.stderr
+    result = _thresher("run", str(bad).replace("bad", "missing"))
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_cli_ingest(tmp_path, shared_data, messy_input):
+    result = _thresher("ingest", str(messy_input), str(shared_data / "self_instruct"), "--out", str(tmp_path / "ing"), "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "ing" / "manifest.json").read_text())
+    assert manifest["counts"]["input"] == 35 + 175
+    assert manifest["counts"]["rejected_by_stage"] == {"ingest": 3}
+    assert "rows in" in result.stdout
+
+
+def test_unreadable_file_stops_or_is_skipped(tmp_path, shared_data):
+    broken = tmp_path / "in" / "broken.json"
+    broken.parent.mkdir()
+    broken.write_text("[{")
+    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "a"), "-q")
+    assert result.returncode == 1 and "broken.json" in result.stderr
+    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "b"), "-q", "--skip-unreadable")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["counts"]["rejected_by_reason"] == {"unreadable_file": 1}
