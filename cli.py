@@ -110,6 +110,33 @@ def ingest(
     _finish(manifest, cfg.out)
 
 
+@app.command()
+def serve(
+    config: Path = typer.Argument(..., help="pipeline YAML the deployment runs"),
+    name: str = typer.Option("default", "--name", "-n", help="deployment name: thresher-curate/<name>"),
+    cron: Optional[str] = typer.Option(None, "--cron", help='schedule, e.g. "0 3 * * *" (none: ad-hoc runs only)'),
+    input: Optional[List[str]] = typer.Option(None, "--input", "-i", help="default inputs (replace the config's)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="default output folder"),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="default Dask scheduler"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="default local worker processes"),
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Register CONFIG as the Prefect deployment thresher-curate/NAME and serve its runs.
+
+    Uses the Prefect API at PREFECT_API_URL. Trigger an ad-hoc run with
+    `prefect deployment run 'thresher-curate/NAME' --param out=/some/dir`.
+    """
+    _quiet_libraries()
+    try:
+        from thresher.flows.deploy import serve as serve_deployment
+        from thresher.schemas.config import load_config
+
+        load_config(config)  # fail now, not at the first scheduled run
+        serve_deployment(str(config), name, cron, input, out, dask_address, workers)
+    except Exception as err:
+        _fail(err, debug)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -16,6 +16,7 @@ joined with every layer's attribute columns (:func:`shard_view`).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,16 @@ def _layer_key(previous: str, identity: dict[str, Any]) -> str:
     return digest({"input": previous, "stage": identity})
 
 
+def _worker_address() -> str | None:
+    """The Dask worker running this task (recorded so placement can be checked), if any."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
 def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
     if store.is_done(stage.name, key):
         return {**store.read_info(stage.name, key), "cached": True}
@@ -177,7 +188,8 @@ def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
     output = stage.process(rows)
     info = {
         "stage": stage.name, "key": key, "in": rows.num_rows, "rejected": len(output.rejected),
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(time.perf_counter() - started, 3), "worker": _worker_address(),
+        "pid": os.getpid(),
     }
     store.write(stage.name, key, {"attributes": output.attributes, "rejected": output.rejected_table()}, info)
     return {**info, "cached": False}

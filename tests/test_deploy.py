@@ -1,0 +1,97 @@
+"""A real Prefect server on loopback, a process serving the deployment, a run triggered by the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(check, timeout: float, what: str, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: a process exited early:\n{proc.stdout.read().decode()[-3000:]}")
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_until(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "the Prefect server", [proc])
+        yield api, env
+    finally:
+        _stop(proc)
+
+
+def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_server):
+    api, env = prefect_server
+    env = {**env, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    config = tmp_path / "nightly.yaml"
+    config.write_text(
+        f"name: nightly\ninputs: [{shared_data / 'gsm8k/test.jsonl'}]\nout: {tmp_path / 'default-out'}\n"
+        "shard_rows: 400\nexecution: {workers: 1}\n"
+        "stages: [{stage: validate}, {stage: exact_dedup}, {stage: select, budget: 100}]\n"
+    )
+    server = subprocess.Popen([str(BIN / "thresher"), "serve", str(config), "--name", "test", "--cron", "0 3 * * *"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def registered() -> bool:
+            r = httpx.get(f"{api}/deployments/name/thresher-curate/test", timeout=5)
+            return r.status_code == 200 and r.json()["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+        _wait_until(registered, 120, "the deployment to register", [server])
+        out = tmp_path / "adhoc-out"
+        run = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "thresher-curate/test",
+             "--param", f"out={out}", "--watch", "--watch-timeout", "300"],
+            env=env, capture_output=True, text=True, timeout=360,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Completed" in run.stdout + run.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["counts"]["output"] == 100
+        assert manifest["counts"]["input"] == 1319
+        assert not (tmp_path / "default-out").exists()  # the --param override was used
+    finally:
+        _stop(server)
