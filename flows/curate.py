@@ -31,7 +31,7 @@ from thresher.flows import pipeline
 from thresher.flows.manifest import build_manifest
 from thresher.flows.registry import stage_class
 from thresher.flows.store import Store
-from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry, load_config, parse_config
+from thresher.schemas.config import PipelineConfig, StageEntry, load_config, parse_config
 from thresher.schemas.readers import discover_inputs
 from thresher.schemas.report import render_report
 from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
@@ -114,19 +114,34 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     return manifest
 
 
-def make_task_runner(execution: ExecutionConfig) -> DaskTaskRunner:
+def local_worker_resources(config: PipelineConfig) -> dict[str, float]:
+    """What the local cluster's workers offer: the most any stage asks for (e.g. ``{GPU: 1}``).
+
+    On an existing cluster, workers declare their own resources (``dask worker --resources``);
+    a local cluster is this machine, so it offers what the stages need rather than hang.
+    """
+    offered: dict[str, float] = {}
+    for entry in config.stages:
+        for name, amount in entry.params.resources.items():
+            offered[name] = max(offered.get(name, 0), amount)
+    return offered
+
+
+def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
     """A DaskTaskRunner on the given scheduler, or on a new local cluster of worker processes."""
+    execution = config.execution
     if execution.dask_address:
         return DaskTaskRunner(address=execution.dask_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": execution.workers,
-            "threads_per_worker": execution.threads_per_worker,
-            "processes": True,
-            "dashboard_address": None,
-        },
-    )
+    cluster_kwargs = {
+        "n_workers": execution.workers,
+        "threads_per_worker": execution.threads_per_worker,
+        "processes": True,
+        "dashboard_address": None,
+    }
+    resources = local_worker_resources(config)
+    if resources:
+        cluster_kwargs["resources"] = resources
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
 
 
 def apply_overrides(
@@ -155,7 +170,7 @@ def apply_overrides(
 
 def execute(config: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run a validated config to completion; returns the manifest."""
-    runner = make_task_runner(config.execution)
+    runner = make_task_runner(config)
     run = pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{config.name}")
     return run(config.to_dict(), show_progress=show_progress)
 
