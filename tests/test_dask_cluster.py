@@ -8,37 +8,22 @@ complete, with output identical to a clean run.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from procs import BIN, free_port, stop_group
 
-BIN = Path(sys.executable).parent
 N_GROUPS = 16
 MODELS = ("gpt4_1106_preview", "alpaca-7b", "NullModel")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=30)
 
 
 def _workers(address: str, timeout: float = 90) -> dict[str, str]:
@@ -82,7 +67,7 @@ def _data(out: Path):
 
 
 def test_gpu_tagged_worker_and_a_killed_worker(tmp_path, small_candidates):
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = _start("dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
     cpu = _start("dask", "worker", address, "--name", "cpu-worker", "--nthreads", "1", "--no-dashboard")
@@ -102,7 +87,7 @@ def test_gpu_tagged_worker_and_a_killed_worker(tmp_path, small_candidates):
                 break
             time.sleep(0.05)
         assert run.poll() is None, "the run ended before the worker could be killed"
-        _kill(cpu)  # mid-run: its tasks and the results it held must be redone elsewhere
+        stop_group(cpu, signal.SIGKILL)  # mid-run: its tasks and the results it held must be redone elsewhere
         stdout, stderr = run.communicate(timeout=600)
         assert run.returncode == 0, stderr.decode()[-3000:]
 
@@ -114,7 +99,7 @@ def test_gpu_tagged_worker_and_a_killed_worker(tmp_path, small_candidates):
         assert len({r["pid"] for r in grape_runs}) == 1  # one worker process: the model loaded once, reused
     finally:
         for proc in (cpu, gpu, scheduler):
-            _kill(proc)
+            stop_group(proc, signal.SIGKILL)
 
     clean_out = tmp_path / "clean-out"  # a local cluster offers the GPU resource the stage asks for
     clean = subprocess.run([str(BIN / "thresher"), "run", str(_config(tmp_path, small_candidates)),

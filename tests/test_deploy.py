@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from procs import BIN, free_port, stop_group
 
 
 def _wait_until(check, timeout: float, what: str, procs=()):
@@ -38,19 +27,9 @@ def _wait_until(check, timeout: float, what: str, procs=()):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
@@ -61,7 +40,7 @@ def prefect_server(tmp_path):
         _wait_until(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "the Prefect server", [proc])
         yield api, env
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_server):
@@ -94,4 +73,4 @@ def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_se
         assert manifest["counts"]["input"] == 1319
         assert not (tmp_path / "default-out").exists()  # the --param override was used
     finally:
-        _stop(server)
+        stop_group(server)
