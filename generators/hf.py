@@ -1,0 +1,537 @@
+"""The ``hf`` backend: transformers + torch, CPU or CUDA, every method batched.
+
+What is computed, and the choices made:
+
+- **Prompt tokenization** (``generate``, ``continuation_logprobs``'s prompt,
+  ``next_token_logprobs``, causal-LM ``embed``): the text is tokenized with no
+  special tokens and the tokenizer's *default prefix* (its BOS, if it adds one
+  by default) is put in front, unless the text already starts with the BOS
+  string (a chat template or a Magpie pre-query template that spells out
+  ``<bos>``), which is then not doubled. No EOS is ever appended to a prompt.
+  So Magpie's pre-query template reaches the model exactly as written.
+- **Continuations** are tokenized separately with ``add_special_tokens=False``
+  and their ids appended to the prompt's ids (GRAPE): a continuation's tokens
+  never depend on its prompt. A prompt that tokenizes to nothing is given the
+  BOS (else EOS) token, so the first continuation token has a context.
+- **Log-probabilities** are ``log_softmax`` of the model's raw logits (no
+  temperature, no top-p), in float32, over the full vocabulary, everywhere:
+  continuation scores, next-token scores and generation ``top_logprobs``.
+- **Batching**: items are sorted by length and grouped under
+  ``ModelConfig.batch_size`` and ``max_batch_tokens``. Scoring and embedding
+  pad on the RIGHT (real tokens keep positions ``0..n-1`` and, under the causal
+  mask, never see a pad, so no padding mask is needed and results match
+  one-at-a-time calls); decoding pads on the LEFT with an attention mask and
+  explicit position ids. Only the positions that are scored go through the LM
+  head (the big vocabulary projection), in chunks that bound memory.
+- **Sampling** is reproducible per prompt: see :mod:`thresher.generators.sampling`.
+- **Truncation**: ``continuation_logprobs`` cuts prompt + continuation from the
+  right at ``max_tokens`` or the context and flags it; ``next_token_logprobs``
+  keeps the *last* tokens of an over-long prompt (its end asks the question);
+  ``embed`` keeps the first tokens (as deita and sentence-transformers do);
+  ``generate`` keeps the last ``context - 1`` prompt tokens and stops at the
+  context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from thresher.generators.base import (
+    Completion,
+    ContinuationScore,
+    Generation,
+    Message,
+    ModelBackend,
+    ModelError,
+    NotSingleTokenError,
+    SamplingParams,
+)
+from thresher.generators.batching import pad_batch, plan_batches
+from thresher.generators.embedded import is_embedded, resolve_embedded
+from thresher.generators.sampling import find_stop, row_uniforms, select_tokens
+from thresher.schemas.model_config import ModelConfig
+
+#: bytes of float32 logits one LM-head chunk may hold (positions x vocab x 4)
+LOGITS_CHUNK_BYTES = 1 << 29
+#: on CPU, real tokens after which a batch closes rather than carry > 10% padding
+MIN_CPU_BATCH_TOKENS = 512
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _fingerprint(folder: Path) -> str:
+    """sha256 over a model folder's config.json text and weights file names + sizes."""
+    h = hashlib.sha256()
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in {".safetensors", ".bin", ".gguf"}:
+            h.update(f"{p.relative_to(folder)}:{p.stat().st_size}".encode())
+    return h.hexdigest()[:12]
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> tuple[Path, str, str]:
+    """``(directory, kind, identity)`` for an embedded name, a local folder or a cached hub id.
+
+    ``kind`` is ``"sentence-transformer"`` (a folder with ``modules.json``) or
+    ``"causal-lm"``. Nothing is ever downloaded: a hub id must already be in the
+    local Hugging Face cache.
+    """
+    if is_embedded(name):
+        r = resolve_embedded(name)
+        return r.path, r.kind, r.identity
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = local.resolve()
+        ident = f"{path}@{_fingerprint(path)}"
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name, revision=revision, local_files_only=True))
+        except Exception as exc:  # not in the local cache, or not a repo id at all
+            raise ModelError(
+                f"model {name!r} is neither an embedded model, a local folder, nor a "
+                f"Hugging Face repo already on disk; thresher never downloads at run time "
+                f"(fetch it first, e.g. `huggingface-cli download {name}`): {exc}"
+            ) from exc
+        ident = f"{name}@{path.name}"  # the snapshot folder is named by its commit
+    kind = "sentence-transformer" if (path / "modules.json").is_file() else "causal-lm"
+    return path, kind, ident
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(requested: str, config: Any, device: torch.device) -> torch.dtype:
+    """``auto`` -> the checkpoint's dtype (float32 when unstated or float16 on CPU)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    stated = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stated, str):
+        stated = _DTYPES.get(stated)
+    if stated not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.float32
+    if stated == torch.float16 and device.type == "cpu":
+        return torch.float32
+    return stated
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class HFBackend(ModelBackend):
+    """A causal LM (or a sentence-transformer, for :meth:`embed` only) on transformers.
+
+    One instance holds one model on one device; every public method is
+    thread-safe (calls are serialized) and runs under ``torch.inference_mode``.
+    """
+
+    def __init__(self, cfg: ModelConfig | str) -> None:
+        self.cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.model_validate(cfg)
+        if self.cfg.backend != "hf":
+            raise ModelError(f"HFBackend got a config for backend {self.cfg.backend!r}")
+        self.device = pick_device(self.cfg.device)
+        if self.cfg.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.threads)
+        self._lock = threading.RLock()
+        path, self.kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
+        self.path = path
+        if self.kind == "sentence-transformer":
+            self._load_sentence_transformer(path)
+            self.identity = f"hf:{ident}"
+        else:
+            self._load_causal_lm(path)
+            self.identity = f"hf:{ident}:{str(self.dtype).removeprefix('torch.')}"
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_sentence_transformer(self, path: Path) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.st = SentenceTransformer(str(path), device=str(self.device), local_files_only=True)
+        self.model = None
+        self.dtype = torch.float32
+        self._tok = self.st.tokenizer
+        self.context = int(self.st.max_seq_length or 512)
+
+    def _load_causal_lm(self, path: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        revision = None if is_embedded(self.cfg.name) else self.cfg.revision
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.dtype = _resolve_dtype(self.cfg.dtype, config, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=self.dtype, revision=revision, local_files_only=True
+        ).to(self.device)
+        self.model.eval()
+        self.st = None
+        tok_src: Path | str = path
+        if self.cfg.tokenizer:
+            tok_src = resolve_model_path(self.cfg.tokenizer)[0]
+        self._tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
+        if self._tok.pad_token is None:
+            self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
+        self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
+        ctx = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.context = int(min(ctx, self.cfg.max_model_len or ctx))
+        self._prefix_ids = self._default_prefix()
+        bos = self._tok.bos_token
+        self._bos_text = bos if isinstance(bos, str) and bos else None
+        self._eos_ids = self._collect_eos_ids()
+        self._split_head = self._check_split_head()
+
+    def _default_prefix(self) -> list[int]:
+        """The ids the tokenizer puts before a text by default (its BOS, if any)."""
+        plain = self._tok("a", add_special_tokens=False)["input_ids"]
+        full = self._tok("a")["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return list(full[:start])
+        return []
+
+    def _collect_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self._tok.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(x) for x in src)
+        return ids
+
+    def _check_split_head(self) -> bool:
+        """Whether LM head(base model hidden states) reproduces the model's own logits.
+
+        True for Llama/Gemma-style heads (plus Gemma's optional final soft-cap);
+        a model with another head falls back to full forwards.
+        """
+        ids = torch.tensor([self._prefix_ids + self._tok("The cat sat", add_special_tokens=False)["input_ids"]],
+                           device=self.device)
+        with torch.inference_mode():
+            full = self.model(input_ids=ids).logits.float()
+            mine = self._head(self.model.base_model(input_ids=ids).last_hidden_state)
+        return bool(torch.allclose(full, mine, atol=1e-3, rtol=1e-3))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str:
+        if not getattr(self._tok, "chat_template", None):
+            raise ModelError(
+                f"{self.cfg.name} has no chat template (a base model?): use generate() "
+                "with a prompt you format yourself"
+            )
+        return super().apply_chat_template(messages, add_generation_prompt)
+
+    def _require_lm(self, what: str) -> None:
+        if self.model is None:
+            raise ModelError(f"{self.cfg.name} is a sentence-transformer: it cannot {what}")
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of raw prompts: default prefix (BOS) + text, BOS never doubled."""
+        if not texts:
+            return []
+        plain = self._tok(list(texts), add_special_tokens=False)["input_ids"]
+        return [
+            list(ids) if self._bos_text and t.startswith(self._bos_text) else self._prefix_ids + list(ids)
+            for t, ids in zip(texts, plain)
+        ]
+
+    def encode_continuations(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of continuations: no special tokens at all."""
+        if not texts:
+            return []
+        return [list(x) for x in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def _start_ids(self) -> list[int]:
+        """The context given to an empty prompt: the default prefix, else BOS, else EOS."""
+        if self._prefix_ids:
+            return list(self._prefix_ids)
+        for t in (self._tok.bos_token_id, self._tok.eos_token_id):
+            if t is not None:
+                return [int(t)]
+        return [self.pad_id]
+
+    def _batches(self, lengths: Sequence[int], decode: bool = False) -> list[list[int]]:
+        """Length-sorted batches. For a single forward on CPU a batch also closes
+        rather than pad > 10% once it holds MIN_CPU_BATCH_TOKENS real tokens (bigger
+        CPU batches gain nothing there); decoding reads all weights every step, so
+        its batches stay as full as the budgets allow."""
+        min_tokens = MIN_CPU_BATCH_TOKENS if self.device.type == "cpu" and not decode else None
+        return plan_batches(lengths, self.cfg.batch_size, self.cfg.max_batch_tokens, min_tokens)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits (float32) of hidden states, with the config's final soft-cap."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _forward_selected(
+        self, ids: torch.Tensor, select: torch.Tensor, reduce: Callable[[torch.Tensor, slice], torch.Tensor]
+    ) -> torch.Tensor:
+        """``reduce(logits_chunk, chunk_slice)`` over the positions ``select`` (bool, B x L), concatenated.
+
+        ``ids`` is right-padded, so no attention mask is needed. The LM head runs
+        only on the selected positions, in chunks of at most LOGITS_CHUNK_BYTES.
+        """
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        chunk = max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
+        if self._split_head:
+            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[select]
+            n = hidden.shape[0]
+            parts = [reduce(self._head(hidden[a:a + chunk]), slice(a, min(a + chunk, n)))
+                     for a in range(0, n, chunk)]
+        else:
+            logits = self.model(input_ids=ids, use_cache=False).logits[select].float()
+            n = logits.shape[0]
+            parts = [reduce(logits[a:a + chunk], slice(a, min(a + chunk, n))) for a in range(0, n, chunk)]
+        return torch.cat(parts) if parts else torch.empty(0, device=self.device)
+
+    # ------------------------------------------------------------------ scoring
+
+    def continuation_logprobs(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        max_tokens: int | None = None,
+    ) -> list[ContinuationScore]:
+        """Teacher-forced log p(c_t | prompt, c_<t) of each continuation token, batched.
+
+        Prompt and continuation are tokenized separately and concatenated; one
+        forward per length-sorted batch; ``log_softmax`` of the raw logits is
+        gathered at the continuation's ids; prompt positions are never scored.
+        """
+        self._require_lm("score continuations")
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        cap = self.context if max_tokens is None else max(0, min(int(max_tokens), self.context))
+        p_ids = [p if p else self._start_ids() for p in self.encode_prompts(prompts)]
+        c_ids = self.encode_continuations(continuations)
+        truncated = [False] * len(p_ids)
+        for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+            if len(p) + len(c) > cap:
+                truncated[i] = True
+                p_ids[i], c_ids[i] = p[:cap], c[: max(0, cap - len(p))]
+        results: list[ContinuationScore | None] = [None] * len(p_ids)
+        with self._lock, torch.inference_mode():
+            for batch in self._batches([len(p_ids[i]) + len(c_ids[i]) for i in range(len(p_ids))]):
+                seqs = [p_ids[i] + c_ids[i] for i in batch]
+                ids, _, _ = pad_batch(seqs, self.pad_id, "right", self.device)
+                plen = torch.tensor([len(p_ids[i]) for i in batch], device=self.device)[:, None]
+                clen = torch.tensor([len(c_ids[i]) for i in batch], device=self.device)[:, None]
+                pos = torch.arange(ids.shape[1], device=self.device)[None, :]
+                # position t predicts token t + 1: score positions plen-1 .. plen+clen-2
+                select = (pos >= plen - 1) & (pos < plen + clen - 1)
+                labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[select]
+
+                def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+                    picked = logits.gather(-1, labels[sl, None]).squeeze(-1)
+                    return picked - torch.logsumexp(logits, dim=-1)
+
+                flat = self._forward_selected(ids, select, reduce).double().cpu().tolist()
+                start = 0
+                for i in batch:
+                    n = len(c_ids[i])
+                    results[i] = ContinuationScore(
+                        token_ids=list(c_ids[i]), token_logprobs=flat[start:start + n], truncated=truncated[i]
+                    )
+                    start += n
+        return [r for r in results if r is not None]
+
+    def resolve_single_tokens(self, candidates: Sequence[str]) -> list[int]:
+        """Each candidate string's one token id in this tokenizer.
+
+        The string is encoded without special tokens; if that is not exactly one
+        token but the string is itself a vocabulary entry that decodes to it
+        (SentencePiece tokenizers add a word-start marker to "1"), that entry is
+        used. Otherwise :class:`NotSingleTokenError` names the string and its tokens.
+        """
+        out: list[int] = []
+        for cand in candidates:
+            ids = self._tok(cand, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                out.append(int(ids[0]))
+                continue
+            direct = self._tok.convert_tokens_to_ids(cand)
+            if isinstance(direct, int) and direct != self._tok.unk_token_id and self._tok.decode([direct]) == cand:
+                out.append(direct)
+                continue
+            raise NotSingleTokenError(
+                f"{cand!r} is not a single token for {self.cfg.name}: it encodes to "
+                f"{len(ids)} tokens {self._tok.convert_ids_to_tokens(ids)} (ids {list(ids)})"
+            )
+        return out
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """Full-vocabulary log-probabilities of each candidate as the next token, ``(P, C)``.
+
+        One forward per length-sorted batch; the logits at each prompt's last real
+        position go through a float32 ``log_softmax`` over the whole vocabulary.
+        """
+        self._require_lm("score next tokens")
+        cand_ids = self.resolve_single_tokens(candidates)
+        enc = [p[-self.context:] for p in self.encode_prompts(prompts)]
+        if any(not p for p in enc):
+            raise ModelError("an empty prompt has no next-token distribution for a tokenizer without BOS")
+        out = np.empty((len(enc), len(cand_ids)), dtype=np.float64)
+        cand = torch.tensor(cand_ids, device=self.device, dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            for batch in self._batches([len(p) for p in enc]):
+                ids, _, lens = pad_batch([enc[i] for i in batch], self.pad_id, "right", self.device)
+                select = torch.zeros_like(ids, dtype=torch.bool)
+                select[torch.arange(len(batch), device=self.device), lens - 1] = True
+
+                def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+                    return torch.log_softmax(logits, dim=-1)[:, cand]
+
+                out[batch] = self._forward_selected(ids, select, reduce).double().cpu().numpy()
+        return out
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Sentence-transformers: the model's pooling, L2-normalized. Causal LM: the
+        last layer's hidden state (after the final norm) at the last real token."""
+        with self._lock, torch.inference_mode():
+            if self.st is not None:
+                if not texts:
+                    return np.zeros((0, self.st.get_sentence_embedding_dimension()), dtype=np.float32)
+                emb = self.st.encode(
+                    list(texts), batch_size=self.cfg.batch_size, convert_to_numpy=True,
+                    normalize_embeddings=True, show_progress_bar=False,
+                )
+                return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
+            enc = [p[: self.context] for p in self.encode_prompts(texts)]
+            dim = self.model.config.hidden_size
+            out = np.zeros((len(enc), dim), dtype=np.float32)
+            for batch in self._batches([len(p) for p in enc]):
+                ids, _, lens = pad_batch([enc[i] for i in batch], self.pad_id, "right", self.device)
+                hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                last = hidden[torch.arange(len(batch), device=self.device), (lens - 1).clamp(min=0)]
+                out[batch] = last.float().cpu().numpy()
+            return out
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """``params.n`` continuations of each raw prompt, batched, with per-prompt seeds.
+
+        Greedy (``temperature == 0``) decodes each prompt once and repeats it n
+        times. A completion ends at an EOS / ``stop_token_ids`` token (kept in
+        ``token_ids``, left out of ``text``), at the first stop string (``text``
+        cut before it; ``token_ids`` run through the token that completed it),
+        or at ``max_tokens`` (``finish_reason="length"``). ``top_logprobs`` are
+        the top-k of ``log_softmax`` of the raw logits (temperature 1, before
+        top-p), one list per generated token, most likely first.
+        """
+        self._require_lm("generate")
+        greedy = params.temperature <= 0
+        per_prompt = 1 if greedy else max(1, params.n)
+        enc = [p[-(self.context - 1):] for p in self.encode_prompts(prompts)]
+        rows = [(i, j) for i in range(len(enc)) for j in range(per_prompt)]
+        found: dict[tuple[int, int], Completion] = {}
+        with self._lock, torch.inference_mode():
+            lengths = [len(enc[i]) + params.max_tokens for i, _ in rows]
+            for batch in self._batches(lengths, decode=True):
+                sub = [rows[r] for r in batch]
+                comps = self._decode([enc[i] for i, _ in sub], [prompts[i] for i, _ in sub],
+                                     [j for _, j in sub], params)
+                found.update(zip(sub, comps))
+        out = []
+        for i, prompt in enumerate(prompts):
+            comps = [found[(i, 0 if greedy else j)] for j in range(max(1, params.n))]
+            if greedy:  # n identical greedy completions, as separate objects
+                comps = [Completion(c.text, list(c.token_ids), c.finish_reason,
+                                    None if c.top_logprobs is None else [list(x) for x in c.top_logprobs])
+                         for c in comps]
+            out.append(Generation(prompt=prompt, completions=comps))
+        return out
+
+    def _decode(
+        self, seqs: list[list[int]], texts: list[str], sample_idx: list[int], params: SamplingParams
+    ) -> list[Completion]:
+        """Decode one left-padded batch with a KV cache until every row has stopped."""
+        dev = self.device
+        ids, mask, _ = pad_batch(seqs, self.pad_id, "left", dev)
+        rows, width = ids.shape
+        steps = max(0, min(params.max_tokens, self.context - width))
+        greedy = params.temperature <= 0
+        u = None if greedy else row_uniforms(texts, sample_idx, params.seed, steps).to(dev)
+        stop_ids = torch.tensor(sorted(self._eos_ids | set(params.stop_token_ids)) or [-1], device=dev)
+        k = params.top_logprobs or 0
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        finished = torch.zeros(rows, dtype=torch.bool, device=dev)
+        n_gen = torch.zeros(rows, dtype=torch.long, device=dev)
+        by_token = torch.zeros(rows, dtype=torch.bool, device=dev)
+        by_string = [False] * rows
+        generated: list[torch.Tensor] = []
+        top_ids: list[torch.Tensor] = []
+        top_lps: list[torch.Tensor] = []
+        if steps:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for step in range(steps):
+            logits = out.logits[:, -1, :].float()
+            if k:
+                lp, ti = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
+                top_ids.append(ti)
+                top_lps.append(lp)
+            nxt = select_tokens(logits, params.temperature, params.top_p, None if u is None else u[:, step])
+            nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
+            generated.append(nxt)
+            n_gen += (~finished).long()
+            hit = torch.isin(nxt, stop_ids) & ~finished
+            by_token |= hit
+            finished |= hit
+            if params.stop:
+                gen = torch.stack(generated, dim=1).cpu()
+                for r in (~finished).nonzero().flatten().tolist():
+                    text = self._tok.decode(gen[r, : int(n_gen[r])].tolist(), skip_special_tokens=True)
+                    if find_stop(text, params.stop) >= 0:
+                        by_string[r] = True
+                        finished[r] = True
+            if bool(finished.all()) or step == steps - 1:
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=out.past_key_values, use_cache=True)
+        gen = torch.stack(generated, dim=1).cpu() if generated else torch.zeros((rows, 0), dtype=torch.long)
+        tops = None
+        if k and top_ids:
+            tops = (torch.stack(top_ids, dim=1).cpu().tolist(), torch.stack(top_lps, dim=1).double().cpu().tolist())
+        comps = []
+        for r in range(rows):
+            n = int(n_gen[r])
+            toks = gen[r, :n].tolist()
+            text_toks = toks[:-1] if bool(by_token[r]) else toks
+            text = self._tok.decode(text_toks, skip_special_tokens=True)
+            cut = find_stop(text, params.stop) if params.stop else -1
+            if cut >= 0:
+                text = text[:cut]
+            reason = "stop" if (bool(by_token[r]) or by_string[r] or cut >= 0) else "length"
+            top = None
+            if k:
+                top = [] if tops is None else [list(zip(tops[0][r][t], tops[1][r][t])) for t in range(n)]
+            comps.append(Completion(text=text, token_ids=toks, finish_reason=reason, top_logprobs=top))
+        return comps
