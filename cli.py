@@ -137,6 +137,24 @@ def serve(
         _fail(err, debug)
 
 
+@app.command("prepare-models")
+def prepare_models(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Resolve every embedded model now, converting GGUF files once (about 2 minutes the first time).
+
+    Later loads take seconds; without this, the first pipeline that needs a model converts it.
+    """
+    try:
+        from thresher.generators.embedded import EMBEDDED, PREFIX, resolve_embedded
+
+        for short in sorted(EMBEDDED):
+            resolved = resolve_embedded(PREFIX + short)
+            typer.echo(f"{resolved.identity}  {resolved.path}")
+    except Exception as err:
+        _fail(err, debug)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
