@@ -16,7 +16,8 @@ each other row:
    confidence; action ``filter``).
 
 Stages never rewrite rows: the writer swaps ``clear_corrected_response`` into the
-final assistant turn of ``messages`` for rows whose ``clear_action == "correct"``.
+final assistant turn of ``messages`` for rows whose ``clear_action == "correct"``,
+with :func:`apply_corrections` (one call on the joined output table).
 """
 
 from __future__ import annotations
@@ -30,10 +31,33 @@ from pydantic import Field
 from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
 from thresher.generators.base import ModelBackend, SamplingParams, restrict_logprobs
 from thresher.schemas.model_config import ModelConfig
+from thresher.schemas.records import MESSAGES_TYPE
 from thresher.selectors.clear import DEFAULT_MODEL
 from thresher.selectors.clear_confidence import question_text, split_row, truncate_tokens
 from thresher.selectors.clear_filter import confidences, gamma_of, histogram, resolve_gamma
 from thresher.selectors.clear_prompts import JUDGE_LETTERS, JUDGE_PREFILL, JUDGE_PROMPT, fill
+
+
+def apply_corrections(rows: pa.Table) -> pa.Table:
+    """``rows`` with the final assistant turn of every corrected row replaced by its new response.
+
+    For the output writer: rows whose ``clear_action`` is ``correct`` get
+    ``clear_corrected_response`` as their last message's content; every other row,
+    and a table without ``clear_action``, is returned as is. ``row_id`` and
+    ``content_id`` stay those of the input row (provenance); the original response
+    stays in ``clear_original_response``.
+    """
+    if "clear_action" not in rows.column_names or "messages" not in rows.column_names:
+        return rows
+    actions = rows["clear_action"].to_pylist()
+    if "correct" not in actions:
+        return rows
+    messages = rows["messages"].to_pylist()
+    for i, (action, new) in enumerate(zip(actions, rows["clear_corrected_response"].to_pylist())):
+        if action == "correct" and new is not None:
+            messages[i] = [*messages[i][:-1], {"role": "assistant", "content": new}]
+    index = rows.column_names.index("messages")
+    return rows.set_column(index, "messages", pa.array(messages, type=MESSAGES_TYPE))
 
 
 def judge_prompts(judge: ModelBackend, question: str, first: str, second: str) -> str:

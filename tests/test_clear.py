@@ -26,7 +26,12 @@ from thresher.selectors.clear_confidence import (
     sample_answers,
     self_reflection,
 )
-from thresher.selectors.clear_correct import ClearCorrectParams, ClearCorrectStage, judge_new_better
+from thresher.selectors.clear_correct import (
+    ClearCorrectParams,
+    ClearCorrectStage,
+    apply_corrections,
+    judge_new_better,
+)
 from thresher.selectors.clear_filter import ClearFilterParams, ClearFilterStage
 from thresher.selectors.clear_prompts import REFLECTION_PREFILL, REFLECTION_PROMPTS, fill
 from thresher.selectors.clear_similarity import EmbeddingSimilarity, NLISimilarity
@@ -203,6 +208,13 @@ def test_auto_correct_replaces_or_drops_by_judge_confidence(smollm2_backend, sha
     assert fixed["clear_corrected_response"] == direct_new
     judged = judge_new_better(smollm2_backend, [question], [null_answer], [direct_new], 64)[0]
     assert fixed["clear_correction_confidence"] == pytest.approx(judged, abs=1e-6)
+
+    # what the writer does with the attributes: the new response replaces the last turn
+    joined = rows.append_column("clear_action", out.attributes["clear_action"]).append_column(
+        "clear_corrected_response", out.attributes["clear_corrected_response"])
+    swapped = apply_corrections(joined)["messages"].to_pylist()
+    assert swapped[0] == rows["messages"].to_pylist()[0]
+    assert swapped[1] == [{"role": "user", "content": question}, {"role": "assistant", "content": direct_new}]
 
     strict = ClearCorrectStage(ClearCorrectParams(eta=1.0, **base)).process(rows)
     assert [(r["row_id"], r["reason"]) for r in strict.rejected] == [(ids[1], "clear_uncorrectable")]
