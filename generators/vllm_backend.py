@@ -1,0 +1,276 @@
+"""The ``vllm`` backend: an in-process ``vllm.LLM`` engine on a GPU worker.
+
+One engine per worker process (module-level cache keyed by everything the
+engine is built from), created with ``enable_prefix_caching=True`` (GRAPE's
+candidates and Magpie's n samples share their prompt) and
+``max_logprobs=MAX_LOGPROBS``. Requests go in as ``TokensPrompt`` built with the
+``hf`` backend's tokenization rules
+(:class:`~thresher.generators.backend_common.PromptEncoder`), so both backends
+score the same token ids.
+
+- ``continuation_logprobs``: ``SamplingParams(max_tokens=1, prompt_logprobs=0)``
+  on prompt + continuation ids; ``RequestOutput.prompt_logprobs`` holds one
+  ``dict[token_id, Logprob]`` per position (``None`` first), always including
+  the actual token; the continuation's positions are read off by index.
+- ``next_token_logprobs``: one ``max_tokens=1, logprobs=20`` request per prompt
+  gives the top-20 of the full next-token distribution (vLLM reports raw
+  log-probs, before any logits processor). A candidate outside it is scored
+  exactly with the ``prompt_logprobs`` trick on prompt + [candidate] — never
+  defaulted. (``allowed_token_ids`` does not help: vLLM still reports only the
+  top-k plus the sampled token.)
+- ``generate``: ``n``, ``temperature``, ``top_p``, ``seed``, ``stop``,
+  ``stop_token_ids``, ``logprobs=top_logprobs`` (KD; the extra sampled-token
+  entry vLLM adds is dropped so there are exactly k). Greedy ``n > 1`` decodes
+  once and repeats, as the ``hf`` backend does.
+- ``embed``: ``LLM.embed`` when the model is a sentence-transformer (the
+  engine is then built with the pooling runner); a causal LM loaded for
+  generation cannot also pool, so ``embed`` raises a :class:`ModelError`
+  pointing to the ``hf`` backend (deita's last-token hidden state).
+
+vLLM is imported lazily; a missing install is a clear :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from thresher.generators.backend_common import (
+    PromptEncoder,
+    candidate_row,
+    finish_reason,
+    logprob_value,
+    resolve_single_tokens,
+    score_positions,
+    top_k_pairs,
+    trim_at_stop,
+    truncate_pair,
+)
+from thresher.generators.base import (
+    Completion,
+    ContinuationScore,
+    Generation,
+    ModelBackend,
+    ModelError,
+    SamplingParams,
+)
+from thresher.schemas.model_config import ModelConfig
+
+#: the engine's ``max_logprobs``: the largest top-k a request may ask for
+MAX_LOGPROBS = 64
+#: top-k asked for in next-token probes
+PROBE_LOGPROBS = 20
+
+_ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, or a :class:`ModelError` saying how to get it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ModelError(
+            "the vllm backend needs vLLM on a CUDA machine: pip install 'thresher[vllm]' "
+            f"(or use backend: openai against a `vllm serve` server, or backend: hf) ({exc})"
+        ) from exc
+    return vllm
+
+
+def get_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
+    """The process's ``vllm.LLM`` for this model and these engine settings, built once."""
+    key = (str(path), cfg.tokenizer, cfg.dtype, cfg.max_model_len, cfg.gpu_memory_utilization, pooling)
+    with _ENGINES_LOCK:
+        llm = _ENGINES.get(key)
+        if llm is None:
+            llm = _build_engine(path, cfg, pooling)
+            _ENGINES[key] = llm
+        return llm
+
+
+def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
+    vllm = import_vllm()
+    kwargs: dict[str, Any] = {
+        "model": str(path),
+        "dtype": cfg.dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enable_prefix_caching": True,
+        "max_logprobs": MAX_LOGPROBS,
+        "seed": 0,
+    }
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    if cfg.tokenizer:
+        from thresher.generators.hf import resolve_model_path
+
+        kwargs["tokenizer"] = str(resolve_model_path(cfg.tokenizer)[0])
+    if not pooling:
+        return vllm.LLM(**kwargs)
+    try:  # vLLM >= 0.10: runner/convert; older: task
+        return vllm.LLM(runner="pooling", **kwargs)
+    except TypeError:
+        return vllm.LLM(task="embed", **kwargs)
+
+
+def _engine_context(llm: Any) -> int | None:
+    for owner in (llm, getattr(llm, "llm_engine", None)):
+        mc = getattr(owner, "model_config", None)
+        if mc is not None and getattr(mc, "max_model_len", None):
+            return int(mc.max_model_len)
+    return None
+
+
+class VLLMBackend(ModelBackend):
+    """A model on an in-process vLLM engine (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig | str) -> None:
+        self.cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.model_validate(cfg)
+        if self.cfg.backend != "vllm":
+            raise ModelError(f"VLLMBackend got a config for backend {self.cfg.backend!r}")
+        self.vllm = import_vllm()
+        from transformers import AutoTokenizer
+
+        from thresher.generators.hf import resolve_model_path
+
+        path, self.kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
+        self.path = path
+        self.identity = f"vllm:{ident}:{self.cfg.dtype}"
+        if self.cfg.tokenizer:  # another tokenizer, another model as far as results go
+            self.identity += f":tokenizer={resolve_model_path(self.cfg.tokenizer)[2]}"
+        if self.cfg.max_model_len:  # changes where long inputs are cut
+            self.identity += f":ctx={self.cfg.max_model_len}"
+        tok_src = resolve_model_path(self.cfg.tokenizer)[0] if self.cfg.tokenizer else path
+        self._tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
+        self.encoder = PromptEncoder(self._tok)
+        self.llm = get_engine(path, self.cfg, pooling=self.kind == "sentence-transformer")
+        self.context = self.cfg.max_model_len or _engine_context(self.llm) or int(
+            min(getattr(self._tok, "model_max_length", 2048), 1 << 20))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _require_lm(self, what: str) -> None:
+        if self.kind == "sentence-transformer":
+            raise ModelError(f"{self.cfg.name} is a sentence-transformer: it cannot {what}")
+
+    def _prompt(self, ids: Sequence[int]) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=[int(t) for t in ids])
+
+    def _run(self, prompts: list[Any], params: Any) -> list[Any]:
+        return self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+
+    def _prompt_logprobs(self, seqs: list[list[int]]) -> list[list[Any]]:
+        """``prompt_logprobs`` (one entry per position, ``None`` first) of each sequence."""
+        sp = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self._run([self._prompt(s) for s in seqs], sp)
+        result = []
+        for s, out in zip(seqs, outs):
+            plp = out.prompt_logprobs
+            if plp is None or len(plp) < len(s):
+                raise ModelError(f"vLLM returned prompt log-probs for {0 if plp is None else len(plp)} of {len(s)} positions")
+            result.append(list(plp))
+        return result
+
+    # ------------------------------------------------------------------ scoring
+
+    def continuation_logprobs(
+        self, prompts: Sequence[str], continuations: Sequence[str], max_tokens: int | None = None
+    ) -> list[ContinuationScore]:
+        """Teacher-forced continuation log-probs from ``prompt_logprobs`` (context - 1 tokens at most:
+        vLLM must also generate one token)."""
+        self._require_lm("score continuations")
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        cap = self.context - 1 if max_tokens is None else max(0, min(int(max_tokens), self.context - 1))
+        p_ids = [p if p else self.encoder.start_ids() for p in self.encoder.encode_prompts(prompts)]
+        c_ids = self.encoder.encode_continuations(continuations)
+        pairs = [truncate_pair(p, c, cap) for p, c in zip(p_ids, c_ids)]
+        todo = [i for i, (_, c, _) in enumerate(pairs) if c]
+        entries = self._prompt_logprobs([pairs[i][0] + pairs[i][1] for i in todo])
+        out = [ContinuationScore(token_ids=[], token_logprobs=[], truncated=cut) for _, _, cut in pairs]
+        for i, ent in zip(todo, entries):
+            p, c, cut = pairs[i]
+            out[i] = score_positions(p + c, len(p), ent, truncated=cut)
+        return out
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """Full-vocabulary log p(candidate | prompt): top-20 probe, exact scoring for the rest."""
+        self._require_lm("score next tokens")
+        cand_ids = resolve_single_tokens(self._tok, candidates, self.cfg.name)
+        enc = [p[-(self.context - 1):] for p in self.encoder.encode_prompts(prompts)]
+        if any(not p for p in enc):
+            raise ModelError("an empty prompt has no next-token distribution for a tokenizer without BOS")
+        sp = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=PROBE_LOGPROBS, detokenize=False)
+        rows, todo = [], []
+        for i, out in enumerate(self._run([self._prompt(p) for p in enc], sp)):
+            first = (out.outputs[0].logprobs or [{}])[0]
+            row, missing = candidate_row({int(t): logprob_value(v) for t, v in first.items()}, cand_ids)
+            rows.append(row)
+            todo.extend((i, j) for j in missing)
+        exact = self._prompt_logprobs([enc[i] + [cand_ids[j]] for i, j in todo])
+        for (i, j), ent in zip(todo, exact):
+            rows[i][j] = score_positions(enc[i] + [cand_ids[j]], len(enc[i]), ent).token_logprobs[0]
+        return np.asarray(rows, dtype=np.float64).reshape(len(enc), len(cand_ids))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """``params.n`` completions of each raw prompt from ``TokensPrompt`` ids."""
+        self._require_lm("generate")
+        k = params.top_logprobs or 0
+        if k > MAX_LOGPROBS:
+            raise ModelError(f"top_logprobs={k} exceeds the engine's max_logprobs={MAX_LOGPROBS}")
+        greedy = params.temperature <= 0
+        enc = [p[-(self.context - 1):] for p in self.encoder.encode_prompts(prompts)]
+        sps = [
+            self.vllm.SamplingParams(
+                n=1 if greedy else max(1, params.n),
+                temperature=float(params.temperature),
+                top_p=float(params.top_p),
+                max_tokens=max(1, min(params.max_tokens, self.context - len(p))),
+                stop=list(params.stop) or None,
+                stop_token_ids=list(params.stop_token_ids) or None,
+                seed=params.seed,
+                logprobs=k or None,
+            )
+            for p in enc
+        ]
+        outs = self.llm.generate([self._prompt(p) for p in enc], sps, use_tqdm=False) if enc else []
+        result = []
+        for prompt, out in zip(prompts, outs):
+            comps = [self._completion(o, params, k) for o in out.outputs]
+            if greedy:
+                comps = [self._completion(out.outputs[0], params, k) for _ in range(max(1, params.n))]
+            result.append(Generation(prompt=prompt, completions=comps))
+        return result
+
+    def _completion(self, o: Any, params: SamplingParams, k: int) -> Completion:
+        text, cut = trim_at_stop(o.text, params.stop)
+        top = [top_k_pairs(pos, k) for pos in (o.logprobs or [])] if k else None
+        return Completion(text=text, token_ids=[int(t) for t in o.token_ids],
+                          finish_reason=finish_reason(o.finish_reason, cut), top_logprobs=top)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Sentence-transformer embeddings through vLLM's pooling runner (L2-normalized)."""
+        if self.kind != "sentence-transformer":
+            raise ModelError(
+                f"{self.cfg.name} is loaded in vLLM for generation, and a generation engine cannot "
+                "pool hidden states; compute causal-LM embeddings (deita) with backend: hf, or embed "
+                "with a sentence-transformer model"
+            )
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        outs = self.llm.embed(list(texts), use_tqdm=False)
+        emb = np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.where(norms > 0, norms, 1.0)
