@@ -14,6 +14,8 @@ STAGES: dict[str, str] = {
     "validate": "thresher.filters.validate:ValidateStage",
     "exact_dedup": "thresher.filters.exact_dedup:ExactDedupStage",
     "select": "thresher.selectors.select:SelectStage",
+    "grape": "thresher.selectors.grape:GrapeStage",
+    "grape_select": "thresher.selectors.grape_select:GrapeSelectStage",
     "clear": "thresher.selectors.clear:ClearStage",
     "clear_filter": "thresher.selectors.clear_filter:ClearFilterStage",
     "clear_correct": "thresher.selectors.clear_correct:ClearCorrectStage",
