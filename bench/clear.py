@@ -35,7 +35,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--stage", action="store_true", help="also time the whole clear stage")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     rows = json.loads(DATA.read_text())[: args.rows]
     prompts = [[{"role": "user", "content": r["instruction"]}] for r in rows]
@@ -49,12 +54,12 @@ def main() -> None:
         for i in range(args.k):
             lm.chat(prompts, SamplingParams(n=1, temperature=1.0, max_tokens=args.max_tokens, seed=i))
 
-    print(f"{args.rows} prompts, k={args.k}, max_tokens={args.max_tokens}, torch threads={_threads()}")
+    print(f"{args.rows} prompts, k={args.k}, max_tokens={args.max_tokens}, torch threads={_threads()}", flush=True)
     results = {}
     for name, fn in (("one call, n=k", batched), ("k calls, n=1", separate)):
         best = min(_time(fn) for _ in range(args.repeats))
         results[name] = args.rows / best
-        print(f"  {name:<14} {best:7.2f} s  {args.rows / best:7.3f} rows/s")
+        print(f"  {name:<14} {best:7.2f} s  {args.rows / best:7.3f} rows/s", flush=True)
     print(f"  speed-up of one call: {results['one call, n=k'] / results['k calls, n=1']:.2f}x")
 
     if args.stage:
