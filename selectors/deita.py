@@ -80,8 +80,8 @@ class DeitaScorerParams(StageParams):
     @field_validator("score_tokens")
     @classmethod
     def _at_least_two(cls, value: list[str]) -> list[str]:
-        if len(value) < 2 or len(set(value)) != len(value):
-            raise ValueError("score_tokens needs at least two distinct strings")
+        if len(value) < 2 or len(set(value)) != len(value) or not all(value):
+            raise ValueError("score_tokens needs at least two distinct, non-empty strings")
         return value
 
 
@@ -115,12 +115,14 @@ class _DeitaScorerStage(Stage):
         from thresher.generators.registry import load_model
 
         p: DeitaScorerParams = self.params
+        prefix = self.prefix()
+        if not rows.num_rows:
+            return StageOutput(attributes=_scorer_schema(prefix).empty_table())
         backend = load_model(p.model, cache=p.request_cache)
         scorer = PromptScorer(backend, p.score_tokens, p.max_tokens, p.chunk_size)
         row_turns = [conversation_turns(m) for m in rows["messages"].to_pylist()]
         prompts = [self.prompt(q, a) for turns in row_turns for q, a in turns]
         outcomes = iter(scorer.score(prompts))
-        prefix = self.prefix()
         records = []
         for row_id, turns in zip(rows["row_id"].to_pylist(), row_turns):
             mine = [next(outcomes) for _ in turns]

@@ -137,6 +137,8 @@ class DeitaEmbedStage(Stage):
         from thresher.generators.registry import load_model
 
         p: DeitaEmbedParams = self.params
+        if not rows.num_rows:
+            return StageOutput(attributes=EMBED_SCHEMA.empty_table())
         backend = load_model(self.model_config(), cache=p.request_cache)
         texts = self.texts(backend, rows["messages"].to_pylist())
         vectors: list[np.ndarray | None] = [None] * len(texts)
