@@ -157,6 +157,10 @@ class HFBackend(ModelBackend):
         else:
             self._load_causal_lm(path)
             self.identity = f"hf:{ident}:{str(self.dtype).removeprefix('torch.')}"
+            if self.cfg.tokenizer:  # another tokenizer, another model as far as results go
+                self.identity += f":tokenizer={resolve_model_path(self.cfg.tokenizer)[2]}"
+            if self.cfg.max_model_len:  # changes where long inputs are cut
+                self.identity += f":ctx={self.context}"
 
     # ------------------------------------------------------------------ loading
 

@@ -95,6 +95,16 @@ def test_truncation_is_flagged_not_fatal(smollm2_backend):
     assert tiny.truncated and tiny.n_tokens == 0 and math.isnan(tiny.mean)
 
 
+def test_model_context_caps_and_enters_identity(smollm2_backend):
+    from thresher.generators.hf import HFBackend
+    from thresher.schemas.model_config import ModelConfig
+
+    short = HFBackend(ModelConfig(name="embedded:smollm2-135m-instruct", max_model_len=24))
+    assert short.identity == smollm2_backend.identity + ":ctx=24"
+    (s,) = short.continuation_logprobs(["Summarize:"], [" word" * 50])
+    assert s.truncated and s.n_tokens + len(short.encode_prompts(["Summarize:"])[0]) == 24
+
+
 def test_empty_continuation_scores_nothing(gemma_backend):
     (s,) = gemma_backend.continuation_logprobs(["Hello"], [""])
     assert s.n_tokens == 0 and math.isnan(s.mean) and not s.truncated
