@@ -104,6 +104,8 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
 
     store = Store(store_root)
     kept = pipeline.collect_output(states, store)
+    for entry in config.stages:
+        kept = entry.build().finalize_output(kept)
     rejected = pipeline.collect_rejected(ingested, sharding, states, store)
     out = Path(config.out)
     files = write_outputs(out, kept, rejected, config.output.rows_per_file)

@@ -120,6 +120,15 @@ class Stage(ABC):
     def process(self, rows: pa.Table) -> StageOutput:
         """Score, filter or select ``rows``; return attributes and/or rejections."""
 
+    def finalize_output(self, kept: pa.Table) -> pa.Table:
+        """The final output rows as the writer should write them (default: unchanged).
+
+        Stages never rewrite rows while the pipeline runs (their results are
+        attributes); a stage whose result *is* a rewrite, like CLEAR's
+        Auto-Correct, applies it here, once, on the joined output table.
+        """
+        return kept
+
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         """Figures for the manifest and report once the run is over (optional).
 

@@ -17,7 +17,8 @@ each other row:
 
 Stages never rewrite rows: the writer swaps ``clear_corrected_response`` into the
 final assistant turn of ``messages`` for rows whose ``clear_action == "correct"``,
-with :func:`apply_corrections` (one call on the joined output table).
+with :func:`apply_corrections` (one call on the joined output table, through
+:meth:`Stage.finalize_output`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ class ClearCorrectStage(Stage):
             "clear_corrector": pa.array([corrector_id if not np.isnan(v) else None for v in judged], pa.string()),
         })
         return StageOutput(attributes=attributes, rejected=rejected)
+
+    def finalize_output(self, kept: pa.Table) -> pa.Table:
+        return apply_corrections(kept)
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict:
         actions = kept["clear_action"].to_pylist() if "clear_action" in kept.column_names else []

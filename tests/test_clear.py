@@ -269,3 +269,36 @@ def test_auto_filter_on_nullmodel_mix_through_the_flow(tmp_path, shared_data):
     assert sum(h["n"] for h in hist.values()) == 2 * MIX_ROWS
     report = (tmp_path / "out/report.md").read_text()
     assert "confidence histogram per source" in report and "0.0-0.1" in report
+
+
+def test_auto_correct_through_the_flow_writes_the_corrected_messages(tmp_path, shared_data):
+    """clear -> clear_correct in the real flow: data/ carries the new response, attributes the old."""
+    from thresher.flows.curate import execute
+
+    inputs = []
+    for model in ("gpt4_1106_preview", "NullModel"):
+        path = tmp_path / f"{model}.json"
+        path.write_text(json.dumps(_alpaca(shared_data, model, 2, start=10)))
+        inputs.append(str(path))
+    config = parse_config({
+        "name": "correct", "inputs": inputs, "out": str(tmp_path / "out"), "shard_rows": 100,
+        "execution": {"workers": 1},
+        "stages": [
+            {"stage": "clear", "k": 2, "max_tokens": 16, "max_answer_tokens": 64},
+            {"stage": "clear_correct", "gamma": "median", "eta": 0.0, "max_tokens": 16,
+             "max_answer_tokens": 64},
+        ],
+    })
+    manifest = execute(config, show_progress=False)
+    assert manifest["counts"]["input"] == 4 and manifest["counts"]["output"] == 4
+
+    data = {r["row_id"]: r for r in pq.read_table(tmp_path / "out/data").to_pylist()}
+    attrs = {r["row_id"]: r for r in pq.read_table(tmp_path / "out/attributes").to_pylist()}
+    corrected = [i for i, a in attrs.items() if a["clear_action"] == "correct"]
+    assert len(corrected) == 2  # below the median of four: two rows, all corrected at eta 0
+    for row_id, a in attrs.items():
+        last = data[row_id]["messages"][-1]["content"]
+        if a["clear_action"] == "correct":
+            assert last == a["clear_corrected_response"] != a["clear_original_response"]
+        else:
+            assert a["clear_action"] == "keep" and a["clear_corrected_response"] is None
