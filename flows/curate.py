@@ -17,6 +17,7 @@ depend on the run id.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from thresher.flows import pipeline
 from thresher.flows.manifest import build_manifest
 from thresher.flows.registry import stage_class
 from thresher.flows.store import Store
-from thresher.schemas.config import PipelineConfig, StageEntry, load_config, parse_config
+from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry, load_config, parse_config
 from thresher.schemas.readers import discover_inputs
 from thresher.schemas.report import render_report
 from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
@@ -129,6 +130,18 @@ def local_worker_resources(config: PipelineConfig) -> dict[str, float]:
     return offered
 
 
+def local_cpu_threads(execution: ExecutionConfig) -> int:
+    """CPU threads per local worker: the configured number, else the cores shared among the workers."""
+    if execution.cpu_threads_per_worker:
+        return execution.cpu_threads_per_worker
+    return max(1, (os.cpu_count() or 1) // execution.workers)
+
+
+def cpu_thread_env(threads: int) -> dict[str, str]:
+    """Worker environment for ``threads`` CPU threads (Dask's nanny sets 1 unless told otherwise)."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
 def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
     """A DaskTaskRunner on the given scheduler, or on a new local cluster of worker processes."""
     execution = config.execution
@@ -139,6 +152,7 @@ def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
         "threads_per_worker": execution.threads_per_worker,
         "processes": True,
         "dashboard_address": None,
+        "env": cpu_thread_env(local_cpu_threads(execution)),
     }
     resources = local_worker_resources(config)
     if resources:

@@ -54,7 +54,10 @@ class ExecutionConfig(BaseModel):
 
     dask_address: str | None = Field(None, description="an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     workers: int = Field(2, ge=1, description="local cluster worker processes (when no dask_address)")
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1, description="Dask task threads per local worker")
+    cpu_threads_per_worker: int | None = Field(
+        None, ge=1, description="CPU threads each local worker's models and numeric libraries use "
+                                "(default: this machine's cores / workers)")
 
 
 class OutputConfig(BaseModel):

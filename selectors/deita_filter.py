@@ -58,7 +58,9 @@ _RANKED_LAST = re.compile(r"score failed: (\S+)")
 class DeitaFilterParams(StageParams):
     tau: float = Field(0.9, ge=-1.0, le=1.0, description="accept a row iff its max cosine similarity to accepted rows <= tau")
     budget: int | None = Field(None, ge=0, description="stop after this many accepted rows (deita: 6000 or 10000)")
-    order_by: str = Field("deita_score", description="the score column walked in descending order")
+    order_by: str | None = Field(
+        "deita_score", description="the score column walked in descending order; null: corpus order "
+                                   "(a pure diversity filter, no scorer needed)")
     embedding: str = Field("deita_embedding", description="the embedding column (list<float>)")
     on_failure: Literal["reject", "rank_last"] = Field(
         "reject", description="rows whose score failed: reject (deita_score_failed), or walk them last",
@@ -98,7 +100,7 @@ class DeitaFilterStage(Stage):
     def check_columns(self, rows: pa.Table) -> None:
         p: DeitaFilterParams = self.params
         for column, stage in ((p.order_by, "deita_score"), (p.embedding, "deita_embed")):
-            if column not in rows.column_names:
+            if column is not None and column not in rows.column_names:
                 raise ValueError(f"stage 'deita_filter' needs the column '{column}'; run {stage} "
                                  f"before it (columns: {', '.join(rows.column_names)})")
 
@@ -107,7 +109,7 @@ class DeitaFilterStage(Stage):
         self.check_columns(rows)
         n = rows.num_rows
         row_ids = rows["row_id"].to_pylist()
-        raw_scores = rows[p.order_by].to_pylist()
+        raw_scores = rows[p.order_by].to_pylist() if p.order_by else [0.0] * n
         scores = np.array([np.nan if v is None else float(v) for v in raw_scores], dtype=np.float64)
         failure = self._failures(rows)
         emb_failure = self._embedding_failures(rows)
@@ -135,7 +137,7 @@ class DeitaFilterStage(Stage):
         ranks, sims, kept_ids = [], [], []
         for pos, row in enumerate(walk):
             status = result.status[pos]
-            score_text = f"{p.order_by} {scores[row]:.4f}" if np.isfinite(scores[row]) else f"score failed: {failure[row]}"
+            score_text = self._score_text(scores[row], failure[row])
             if status == ACCEPTED:
                 kept_ids.append(row_ids[row])
                 ranks.append(pos)
@@ -151,7 +153,7 @@ class DeitaFilterStage(Stage):
             elif status == BELOW_BUDGET:
                 rejected.append({
                     "row_id": row_ids[row], "reason": REASON_BELOW_BUDGET,
-                    "value": float(scores[row]) if np.isfinite(scores[row]) else None,
+                    "value": float(scores[row]) if p.order_by and np.isfinite(scores[row]) else None,
                     "detail": f"the budget of {p.budget} rows was filled before walk rank {pos}; {score_text}",
                 })
         attributes = pa.table({
@@ -160,6 +162,12 @@ class DeitaFilterStage(Stage):
             "deita_max_similarity": pa.array(sims, pa.float64()),
         })
         return StageOutput(attributes=attributes, rejected=rejected)
+
+    def _score_text(self, score: float, failure: str) -> str:
+        order_by = self.params.order_by
+        if order_by is None:
+            return "walked in corpus order"
+        return f"{order_by} {score:.4f}" if np.isfinite(score) else f"score failed: {failure}"
 
     def _failures(self, rows: pa.Table) -> list[str]:
         """Why each row has no score: ``<scorer>:<reason>: <detail>`` when the scorers said."""
@@ -195,18 +203,21 @@ class DeitaFilterStage(Stage):
         for code in column_values(kept, "deita_failure"):
             if code:
                 failures[code] = failures.get(code, 0) + 1
-        return {
+        summary = {
             "tau": p.tau,
             "budget": p.budget,
-            "order_by": p.order_by,
+            "order_by": p.order_by or "corpus order",
             "on_failure": p.on_failure,
             "selected": kept.num_rows,
             "rejected, by reason": count_codes(reasons),
             "scoring failures, by reason (every row that reached the filter)": failures,
-            f"{p.order_by}: selected vs below budget": quantile_rows({
+        }
+        if p.order_by:
+            summary[f"{p.order_by}: selected vs below budget"] = quantile_rows({
                 "selected": column_values(kept, p.order_by),
                 "below budget": [v for r, v in zip(reasons, values) if r == REASON_BELOW_BUDGET],
-            }),
+            })
+        return summary | {
             "cosine similarity to the nearest accepted row": quantile_rows({
                 "selected (to earlier selected)": column_values(kept, "deita_max_similarity"),
                 "too similar": [v for r, v in zip(reasons, values) if r == REASON_TOO_SIMILAR],

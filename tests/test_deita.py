@@ -306,6 +306,25 @@ def test_filter_stage_equals_the_plain_rule_and_explains_rejections():
                     assert reasons[ids[i]]["value"] == scores[i]
 
 
+def test_filter_without_a_score_walks_in_corpus_order():
+    """order_by: null is a pure diversity filter (no scorer): the plain rule with equal scores."""
+    rng = np.random.default_rng(11)
+    n, dim = 200, 5
+    emb = _unit(rng, n, dim)
+    rows = _rows([[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(n)])
+    rows = rows.append_column("deita_embedding", pa.array(emb.tolist(), pa.list_(pa.float32())))
+    ids = rows["row_id"].to_pylist()
+    stage = DeitaFilterStage(DeitaFilterParams(order_by=None, tau=0.7, budget=30, block_size=16))
+    out = stage.process(rows)
+    want = plain_repr_filter(emb, [0.0] * n, 0.7, 30)
+    assert out.attributes["row_id"].to_pylist() == [ids[i] for i in range(n) if want[i] == "accepted"]
+    below = [r for r in out.rejected if r["reason"] == "deita_below_budget"]
+    assert len(below) == sum(s == "below_budget" for s in want.values()) > 0
+    assert all(r["value"] is None and "corpus order" in r["detail"] for r in below)
+    with pytest.raises(ValueError, match="deita_embedding"):
+        stage.process(rows.drop(["deita_embedding"]))
+
+
 def test_a_similarity_equal_to_tau_is_accepted():
     tau = np.float32(0.6)
     emb = np.array([[1, 0], [tau, np.sqrt(1 - np.float64(tau) ** 2)], [1, 0]], dtype=np.float32)

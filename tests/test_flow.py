@@ -177,3 +177,31 @@ def test_unreadable_file_stops_or_is_skipped(tmp_path, shared_data):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["counts"]["rejected_by_reason"] == {"unreadable_file": 1}
+
+
+def test_local_cluster_shares_the_cores_and_offers_requested_resources(tmp_path, shared_data):
+    """Dask's nanny pins numeric libraries to 1 thread; the local cluster hands out the cores instead."""
+    from thresher.flows.curate import make_task_runner
+
+    config = _config(tmp_path, [shared_data / "gsm8k/test.jsonl"], workers=1,
+                     stages=[{"stage": "validate", "resources": {"GPU": 1}}])
+    kwargs = make_task_runner(config).cluster_kwargs
+    assert kwargs["env"]["OMP_NUM_THREADS"] == str(os.cpu_count() or 1)
+    assert kwargs["resources"] == {"GPU": 1}
+    pinned = parse_config({**config.to_dict(), "execution": {"workers": 2, "cpu_threads_per_worker": 3}})
+    assert make_task_runner(pinned).cluster_kwargs["env"]["MKL_NUM_THREADS"] == "3"
+
+
+def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, repo_root):
+    """The README's main job, narrowed with --input: embedded embeddings, diversity filter, outputs."""
+    out = tmp_path / "demo"
+    result = _thresher("run", str(repo_root / "examples/demo.yaml"), "--input",
+                       str(shared_data / "self_instruct/seed_tasks.jsonl"), "--out", str(out), "--workers", "1", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["input"] == 175 and counts["output"] + counts["rejected"] == 175
+    attributes = pq.read_table(out / "attributes").to_pylist()
+    assert len(attributes) == counts["output"] and all(len(a["deita_embedding"]) == 384 for a in attributes)
+    assert all(a["deita_max_similarity"] is None or a["deita_max_similarity"] <= 0.9 for a in attributes)
+    assert manifest["summaries"]["deita_filter"]["order_by"] == "corpus order"
