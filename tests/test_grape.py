@@ -229,8 +229,8 @@ def test_example_config_reads_the_nine_alpaca_eval_files(repo_root):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """In-process models use one thread, as the flow's Dask workers do (their nanny sets
-    OMP_NUM_THREADS=1): on a busy 2-core machine two spinning threads are many times slower."""
+    """In-process models use one thread, as each of two local Dask workers on 2 cores does:
+    on a busy 2-core machine two spinning threads are many times slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
