@@ -5,7 +5,8 @@ Run: ``python bench/clear.py [--rows 16] [--k 5] [--max-tokens 48] [--repeats 1]
 BSDetector (arXiv 2308.16175) samples k answers per prompt. The ``clear`` stage asks
 for them in one batched ``chat`` call with ``SamplingParams(n=k)``; the baseline makes
 k separate ``n=1`` calls (seeds ``seed..seed+k-1``), each over the same batch of
-prompts. Both run on real AlpacaEval instructions with the embedded
+prompts; a second baseline batches nothing: one call per prompt and sample (what a
+plain BSDetector script does). Both run on real AlpacaEval instructions with the embedded
 SmolLM2-135M-Instruct on the ``hf`` backend, without the request cache, and print
 rows (prompts) per second. A third line times the full ``clear`` stage (sampling +
 similarity + self-reflection) on the same rows, for scale.
@@ -54,13 +55,21 @@ def main() -> None:
         for i in range(args.k):
             lm.chat(prompts, SamplingParams(n=1, temperature=1.0, max_tokens=args.max_tokens, seed=i))
 
+    def unbatched() -> None:
+        for prompt in prompts:
+            for i in range(args.k):
+                lm.chat([prompt], SamplingParams(n=1, temperature=1.0, max_tokens=args.max_tokens, seed=i))
+
     print(f"{args.rows} prompts, k={args.k}, max_tokens={args.max_tokens}, torch threads={_threads()}", flush=True)
     results = {}
-    for name, fn in (("one call, n=k", batched), ("k calls, n=1", separate)):
+    paths = (("one call, n=k", batched), ("k calls, n=1", separate), ("rows x k calls", unbatched))
+    for name, fn in paths:
         best = min(_time(fn) for _ in range(args.repeats))
         results[name] = args.rows / best
         print(f"  {name:<14} {best:7.2f} s  {args.rows / best:7.3f} rows/s", flush=True)
-    print(f"  speed-up of one call: {results['one call, n=k'] / results['k calls, n=1']:.2f}x")
+    one = results["one call, n=k"]
+    print(f"  speed-up of one call: {one / results['k calls, n=1']:.2f}x over k calls, "
+          f"{one / results['rows x k calls']:.2f}x over one call per prompt and sample")
 
     if args.stage:
         from thresher.schemas.records import make_record, records_table
