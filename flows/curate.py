@@ -142,6 +142,27 @@ def cpu_thread_env(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
+def shared_prefect_api() -> str | None:
+    """The Prefect API that local workers report task runs to.
+
+    The configured ``PREFECT_API_URL`` when there is one; else this process's
+    ephemeral server, started now (the flow run reuses it). Without this, every
+    Dask worker process would start an ephemeral server of its own: seconds per
+    worker, and a run that fails when one is slow to start on a busy machine.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # one per process: the instance the flow's client gets
+    server.start()
+    return server.api_url
+
+
 def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
     """A DaskTaskRunner on the given scheduler, or on a new local cluster of worker processes."""
     execution = config.execution
@@ -154,6 +175,9 @@ def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
         "dashboard_address": None,
         "env": cpu_thread_env(local_cpu_threads(execution)),
     }
+    api = shared_prefect_api()
+    if api:
+        cluster_kwargs["env"]["PREFECT_API_URL"] = api
     resources = local_worker_resources(config)
     if resources:
         cluster_kwargs["resources"] = resources
