@@ -9,6 +9,7 @@ Failures exit non-zero with a one-line reason on stderr (``--debug`` shows the t
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -29,6 +30,26 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler, Kubernetes, Slurm, `kill`) exits like Ctrl-C: cleanup runs.
+
+    Python's default SIGTERM ends the process at once, skipping ``finally`` blocks and
+    ``atexit``: the local Dask cluster and the temporary Prefect server would be left
+    running as orphans. Finished (stage, shard) results are on disk either way.
+    """
+    def _stop(signum, frame):
+        typer.echo("thresher: stopped by SIGTERM; finished (stage, shard) results are kept: "
+                   "run the same command again to resume", err=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+
+
+def _prepare_process() -> None:
+    _quiet_libraries()
+    _exit_cleanly_on_sigterm()
 
 
 def _fail(err: BaseException, debug: bool) -> None:
@@ -66,7 +87,7 @@ def run(
     Finished (stage, shard) results are reused, so re-running after a crash or a
     kill resumes where it stopped, and changing a selection threshold re-runs no model.
     """
-    _quiet_libraries()
+    _prepare_process()
     try:
         from thresher.flows.curate import apply_overrides, execute
         from thresher.schemas.config import load_config
@@ -92,7 +113,7 @@ def ingest(
     debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
 ) -> None:
     """Normalize INPUTS to canonical rows and quarantine bad ones; no selection."""
-    _quiet_libraries()
+    _prepare_process()
     try:
         from thresher.flows.curate import apply_overrides, execute
         from thresher.schemas.config import parse_config
@@ -126,7 +147,7 @@ def serve(
     Uses the Prefect API at PREFECT_API_URL. Trigger an ad-hoc run with
     `prefect deployment run 'thresher-curate/NAME' --param out=/some/dir`.
     """
-    _quiet_libraries()
+    _prepare_process()
     try:
         from thresher.flows.deploy import serve as serve_deployment
         from thresher.schemas.config import load_config

@@ -205,3 +205,36 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     assert len(attributes) == counts["output"] and all(len(a["deita_embedding"]) == 384 for a in attributes)
     assert all(a["deita_max_similarity"] is None or a["deita_max_similarity"] <= 0.9 for a in attributes)
     assert manifest["summaries"]["deita_filter"]["order_by"] == "corpus order"
+
+
+def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
+    """`kill` (or a scheduler's SIGTERM) ends the run with cleanup: no orphaned workers or Prefect server."""
+    config = tmp_path / "term.yaml"
+    config.write_text(
+        f"inputs: [{shared_data / 'gsm8k/train.jsonl'}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
+        "stages: [{stage: validate}, {stage: exact_dedup}]\n"
+    )
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    validate_dir = out / ".thresher" / "validate"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if validate_dir.is_dir() and any(validate_dir.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "run the same command again to resume" in proc.stderr.read().decode()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anything left in the run's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("processes of the stopped run were still alive 30 s after it exited")
+    assert not (out / "manifest.json").exists()
