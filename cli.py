@@ -32,6 +32,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+_STOP_SIGNALS: list[int] = []  # signals received, for the exit code and message
+
+
 def _exit_cleanly_on_sigterm() -> None:
     """SIGTERM (a scheduler, Kubernetes, Slurm, `kill`) exits like Ctrl-C: cleanup runs.
 
@@ -40,8 +43,7 @@ def _exit_cleanly_on_sigterm() -> None:
     running as orphans. Finished (stage, shard) results are on disk either way.
     """
     def _stop(signum, frame):
-        typer.echo("thresher: stopped by SIGTERM; finished (stage, shard) results are kept: "
-                   "run the same command again to resume", err=True)
+        _STOP_SIGNALS.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _stop)
@@ -52,8 +54,32 @@ def _prepare_process() -> None:
     _exit_cleanly_on_sigterm()
 
 
+def _terminated(err: BaseException | None, termination: type) -> bool:
+    """Whether ``err`` is, or was raised while handling, Prefect's SIGTERM exception.
+
+    During a flow run Prefect's own SIGTERM handler raises ``TerminationSignal``;
+    libraries on the way out may wrap it (pydantic keeps only its name in the message).
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, termination) or termination.__name__ in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _fail(err: BaseException, debug: bool) -> None:
-    if debug:
+    """Exit with one line: 128 + signal when stopped by one (however the libraries
+    re-raised it on the way out), else 1 with the error's first line."""
+    from prefect.exceptions import TerminationSignal
+
+    if _STOP_SIGNALS or _terminated(err, TerminationSignal):
+        signum = _STOP_SIGNALS[0] if _STOP_SIGNALS else signal.SIGTERM
+        typer.echo(f"thresher: stopped by {signal.Signals(signum).name}; finished (stage, shard) results "
+                   "are kept: run the same command again to resume", err=True)
+        raise typer.Exit(code=128 + signum)
+    if debug or not isinstance(err, Exception):
         raise err
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     typer.echo(f"thresher: error: {message}", err=True)
@@ -96,7 +122,7 @@ def run(
         if cache_dir:
             cfg.cache_dir = str(Path(cache_dir).resolve())
         manifest = execute(cfg, show_progress=not quiet and sys.stderr.isatty())
-    except Exception as err:  # one line for the user; --debug for the rest
+    except BaseException as err:  # one line for the user; --debug for the rest
         _fail(err, debug)
     _finish(manifest, cfg.out)
 
@@ -126,7 +152,7 @@ def ingest(
         })
         cfg = apply_overrides(cfg, inputs, out)
         manifest = execute(cfg, show_progress=not quiet and sys.stderr.isatty())
-    except Exception as err:
+    except BaseException as err:
         _fail(err, debug)
     _finish(manifest, cfg.out)
 
@@ -154,7 +180,7 @@ def serve(
 
         load_config(config)  # fail now, not at the first scheduled run
         serve_deployment(str(config), name, cron, input, out, dask_address, workers)
-    except Exception as err:
+    except BaseException as err:
         _fail(err, debug)
 
 
@@ -172,7 +198,7 @@ def prepare_models(
         for short in sorted(EMBEDDED):
             resolved = resolve_embedded(PREFIX + short)
             typer.echo(f"{resolved.identity}  {resolved.path}")
-    except Exception as err:
+    except BaseException as err:
         _fail(err, debug)
 
 
