@@ -112,22 +112,29 @@ def _thresher(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "thresher.cli", *args], capture_output=True, text=True, **kwargs)
 
 
-def test_killed_run_resumes_with_the_same_output(tmp_path, shared_data):
-    config = tmp_path / "kill.yaml"
+def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shards_done: int):
+    """Start `thresher run` on GSM8K train (125 shards) in its own process group; return once
+    `shards_done` validate results are written, with the process still running."""
     config.write_text(
         f"inputs: [{shared_data / 'gsm8k/train.jsonl'}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
-        "stages: [{stage: validate}, {stage: exact_dedup}, {stage: select, budget: 5000}]\n"
+        f"stages: [{{stage: validate}}, {{stage: exact_dedup}}, {last_stage}]\n"
     )
-    killed_out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(killed_out), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    validate_dir = killed_out / ".thresher" / "validate"
+    validate_dir = out / ".thresher" / "validate"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if validate_dir.is_dir() and len(list(validate_dir.iterdir())) >= 20:
+        if validate_dir.is_dir() and len(list(validate_dir.iterdir())) >= shards_done:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-500:]
+    assert proc.poll() is None, "the run finished before it could be stopped: " + proc.stderr.read().decode()[-500:]
+    return proc, validate_dir
+
+
+def test_killed_run_resumes_with_the_same_output(tmp_path, shared_data):
+    config = tmp_path / "kill.yaml"
+    killed_out = tmp_path / "killed"
+    proc, validate_dir = _start_run(config, killed_out, shared_data, "{stage: select, budget: 5000}", 20)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_before_kill = len(list(validate_dir.iterdir()))
@@ -209,21 +216,8 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
 
 def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
     """`kill` (or a scheduler's SIGTERM) ends the run with cleanup: no orphaned workers or Prefect server."""
-    config = tmp_path / "term.yaml"
-    config.write_text(
-        f"inputs: [{shared_data / 'gsm8k/train.jsonl'}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
-        "stages: [{stage: validate}, {stage: exact_dedup}]\n"
-    )
     out = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    validate_dir = out / ".thresher" / "validate"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if validate_dir.is_dir() and any(validate_dir.iterdir()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc, _ = _start_run(tmp_path / "term.yaml", out, shared_data, "{stage: select}", 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "run the same command again to resume" in proc.stderr.read().decode()
