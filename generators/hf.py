@@ -49,9 +49,9 @@ from thresher.generators.base import (
     Message,
     ModelBackend,
     ModelError,
-    NotSingleTokenError,
     SamplingParams,
 )
+from thresher.generators.backend_common import PromptEncoder, resolve_single_tokens, truncate_pair
 from thresher.generators.batching import pad_batch, plan_batches
 from thresher.generators.embedded import is_embedded, resolve_embedded
 from thresher.generators.sampling import find_stop, row_uniforms, select_tokens
@@ -193,20 +193,10 @@ class HFBackend(ModelBackend):
         self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
         ctx = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.context = int(min(ctx, self.cfg.max_model_len or ctx))
-        self._prefix_ids = self._default_prefix()
-        bos = self._tok.bos_token
-        self._bos_text = bos if isinstance(bos, str) and bos else None
+        self._encoder = PromptEncoder(self._tok)
+        self._prefix_ids = self._encoder.prefix_ids
         self._eos_ids = self._collect_eos_ids()
         self._split_head = self._check_split_head()
-
-    def _default_prefix(self) -> list[int]:
-        """The ids the tokenizer puts before a text by default (its BOS, if any)."""
-        plain = self._tok("a", add_special_tokens=False)["input_ids"]
-        full = self._tok("a")["input_ids"]
-        for start in range(len(full) - len(plain) + 1):
-            if full[start:start + len(plain)] == plain:
-                return list(full[:start])
-        return []
 
     def _collect_eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -252,28 +242,18 @@ class HFBackend(ModelBackend):
 
     def encode_prompts(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of raw prompts: default prefix (BOS) + text, BOS never doubled."""
-        if not texts:
-            return []
-        plain = self._tok(list(texts), add_special_tokens=False)["input_ids"]
-        return [
-            list(ids) if self._bos_text and t.startswith(self._bos_text) else self._prefix_ids + list(ids)
-            for t, ids in zip(texts, plain)
-        ]
+        return self._encoder.encode_prompts(texts)
 
     def encode_continuations(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of continuations: no special tokens at all."""
-        if not texts:
-            return []
-        return [list(x) for x in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
+        return self._encoder.encode_continuations(texts)
 
     def _start_ids(self) -> list[int]:
-        """The context given to an empty prompt: the default prefix, else BOS, else EOS."""
-        if self._prefix_ids:
-            return list(self._prefix_ids)
-        for t in (self._tok.bos_token_id, self._tok.eos_token_id):
-            if t is not None:
-                return [int(t)]
-        return [self.pad_id]
+        """The context given to an empty prompt: the default prefix, else BOS, else EOS, else pad."""
+        try:
+            return self._encoder.start_ids()
+        except ModelError:
+            return [self.pad_id]
 
     def _batches(self, lengths: Sequence[int], decode: bool = False) -> list[list[int]]:
         """Length-sorted batches. For a single forward on CPU a batch also closes
@@ -334,9 +314,7 @@ class HFBackend(ModelBackend):
         c_ids = self.encode_continuations(continuations)
         truncated = [False] * len(p_ids)
         for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-            if len(p) + len(c) > cap:
-                truncated[i] = True
-                p_ids[i], c_ids[i] = p[:cap], c[: max(0, cap - len(p))]
+            p_ids[i], c_ids[i], truncated[i] = truncate_pair(p, c, cap)
         results: list[ContinuationScore | None] = [None] * len(p_ids)
         with self._lock, torch.inference_mode():
             for batch in self._batches([len(p_ids[i]) + len(c_ids[i]) for i in range(len(p_ids))]):
@@ -364,28 +342,9 @@ class HFBackend(ModelBackend):
         return [r for r in results if r is not None]
 
     def resolve_single_tokens(self, candidates: Sequence[str]) -> list[int]:
-        """Each candidate string's one token id in this tokenizer.
-
-        The string is encoded without special tokens; if that is not exactly one
-        token but the string is itself a vocabulary entry that decodes to it
-        (SentencePiece tokenizers add a word-start marker to "1"), that entry is
-        used. Otherwise :class:`NotSingleTokenError` names the string and its tokens.
-        """
-        out: list[int] = []
-        for cand in candidates:
-            ids = self._tok(cand, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                out.append(int(ids[0]))
-                continue
-            direct = self._tok.convert_tokens_to_ids(cand)
-            if isinstance(direct, int) and direct != self._tok.unk_token_id and self._tok.decode([direct]) == cand:
-                out.append(direct)
-                continue
-            raise NotSingleTokenError(
-                f"{cand!r} is not a single token for {self.cfg.name}: it encodes to "
-                f"{len(ids)} tokens {self._tok.convert_ids_to_tokens(ids)} (ids {list(ids)})"
-            )
-        return out
+        """Each candidate string's one token id in this tokenizer (see
+        :func:`~thresher.generators.backend_common.resolve_single_tokens`)."""
+        return resolve_single_tokens(self._tok, candidates, self.cfg.name)
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """Full-vocabulary log-probabilities of each candidate as the next token, ``(P, C)``.
