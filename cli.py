@@ -30,6 +30,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "error")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's temporary local server gets 20 s to start; on a machine busy scoring with a
+    # model (the usual case here) that is too short, and the whole run failed for it
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 _STOP_SIGNALS: list[int] = []  # signals received, for the exit code and message

@@ -57,12 +57,23 @@ from thresher.generators.embedded import is_embedded, resolve_embedded
 from thresher.generators.sampling import find_stop, row_uniforms, select_tokens
 from thresher.schemas.model_config import ModelConfig
 
-#: bytes of float32 logits one LM-head chunk may hold (positions x vocab x 4)
-LOGITS_CHUNK_BYTES = 1 << 29
+#: bytes of float32 logits one LM-head chunk may hold (positions x vocab x 4); on CPU one
+#: buffer of this size is kept and reused (256 positions of a 262k vocabulary: the GEMM's
+#: best block size here, and no page faulting of a fresh half-gigabyte per chunk)
+LOGITS_CHUNK_BYTES = 1 << 28
 #: on CPU, real tokens after which a batch closes rather than carry > 10% padding
 MIN_CPU_BATCH_TOKENS = 512
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
+    """``log sum_v exp(logits[:, v])`` per row, max-shifted like ``torch.logsumexp``,
+    computed in place: ``logits`` is overwritten. On CPU this is ~2.5x faster than
+    ``torch.logsumexp`` over a 262k vocabulary and needs no full-size temporary."""
+    top = logits.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of all -inf
+    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
 
 
 # --------------------------------------------------------------------------- resolution
@@ -263,13 +274,32 @@ class HFBackend(ModelBackend):
         min_tokens = MIN_CPU_BATCH_TOKENS if self.device.type == "cpu" and not decode else None
         return plan_batches(lengths, self.cfg.batch_size, self.cfg.max_batch_tokens, min_tokens)
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits (float32) of hidden states, with the config's final soft-cap."""
-        logits = self.model.get_output_embeddings()(hidden).float()
+    def _head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """LM-head logits (float32) of hidden states, with the config's final soft-cap.
+
+        With ``out`` (a float32 ``(n, vocab)`` buffer) and float32 weights the logits
+        are written into ``out[:len(hidden)]`` instead of a fresh tensor.
+        """
+        head = self.model.get_output_embeddings()
+        if out is not None and head.weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+            logits = torch.matmul(hidden, head.weight.T, out=out[: hidden.shape[0]])
+            if head.bias is not None:
+                logits.add_(head.bias)
+        else:
+            logits = head(hidden).float()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:
-            logits = torch.tanh(logits / cap) * cap
+            logits.div_(cap).tanh_().mul_(cap)
         return logits
+
+    def _logits_buffer(self, rows: int, vocab: int) -> torch.Tensor | None:
+        """The reusable CPU logits buffer (None on accelerators, whose allocators cache)."""
+        if self.device.type != "cpu":
+            return None
+        buf = getattr(self, "_logits_buf", None)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
+            buf = self._logits_buf = torch.empty(rows, vocab, dtype=torch.float32)
+        return buf
 
     def _forward_selected(
         self, ids: torch.Tensor, select: torch.Tensor, reduce: Callable[[torch.Tensor, slice], torch.Tensor]
@@ -278,13 +308,15 @@ class HFBackend(ModelBackend):
 
         ``ids`` is right-padded, so no attention mask is needed. The LM head runs
         only on the selected positions, in chunks of at most LOGITS_CHUNK_BYTES.
+        ``reduce`` may overwrite the logits it is given (they live in a reused buffer).
         """
         vocab = self.model.get_output_embeddings().weight.shape[0]
         chunk = max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
         if self._split_head:
             hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[select]
             n = hidden.shape[0]
-            parts = [reduce(self._head(hidden[a:a + chunk]), slice(a, min(a + chunk, n)))
+            buf = self._logits_buffer(min(chunk, n), vocab) if n else None
+            parts = [reduce(self._head(hidden[a:a + chunk], buf), slice(a, min(a + chunk, n)))
                      for a in range(0, n, chunk)]
         else:
             logits = self.model(input_ids=ids, use_cache=False).logits[select].float()
@@ -329,7 +361,7 @@ class HFBackend(ModelBackend):
 
                 def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
                     picked = logits.gather(-1, labels[sl, None]).squeeze(-1)
-                    return picked - torch.logsumexp(logits, dim=-1)
+                    return picked - log_normalizer_(logits)
 
                 flat = self._forward_selected(ids, select, reduce).double().cpu().tolist()
                 start = 0
@@ -366,7 +398,7 @@ class HFBackend(ModelBackend):
                 select[torch.arange(len(batch), device=self.device), lens - 1] = True
 
                 def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
-                    return torch.log_softmax(logits, dim=-1)[:, cand]
+                    return logits[:, cand] - log_normalizer_(logits)[:, None]
 
                 out[batch] = self._forward_selected(ids, select, reduce).double().cpu().numpy()
         return out
