@@ -12,7 +12,9 @@
   continuation and the turning of per-position log-prob entries (a vLLM
   ``dict[token_id, Logprob]``, a float, or ``None``) into a
   :class:`~thresher.generators.base.ContinuationScore`.
-- :func:`trim_at_stop`, :func:`top_k_pairs`, :func:`logprob_value`.
+- :func:`trim_at_stop` (the one stop-string search), :class:`StopScanner` (stop
+  strings in text that grows token by token), :func:`top_k_pairs`,
+  :func:`logprob_value`.
 - :class:`TokenStrings` — from the token *strings* an OpenAI-compatible server
   returns back to token ids, only where that is unambiguous.
 """
@@ -190,7 +192,11 @@ def top_k_pairs(entry: Mapping[int, Any], k: int) -> list[tuple[int, float]]:
 
 
 def trim_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
-    """``text`` cut before the earliest stop string, and whether one was found."""
+    """``text`` cut before the earliest stop string, and whether one was found.
+
+    The one stop-string search of every backend (the ``hf`` decode loop's
+    :class:`StopScanner` uses it on each new piece of text).
+    """
     best = -1
     for s in stops:
         if s:
@@ -198,6 +204,45 @@ def trim_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
             if k != -1 and (best == -1 or k < best):
                 best = k
     return (text, False) if best < 0 else (text[:best], True)
+
+
+class StopScanner:
+    """Watches the texts of a batch of growing token sequences for stop strings, cheaply.
+
+    Re-decoding every row's whole output at every step is quadratic in its
+    length. Instead, the text a new token adds is found by incremental
+    detokenization (as TGI and vLLM do it): ``decode(ids[prefix:])`` minus
+    ``decode(ids[prefix:read])``, where ``ids[prefix:read]`` are the last tokens
+    already turned into text (they give the tokenizer the context it needs for
+    spaces and merges); a text ending in U+FFFD is an incomplete multi-byte
+    character and waits for the next token. Each step searches only the new text
+    plus the last ``len(longest stop) - 1`` characters before it. Texts are
+    decoded with ``skip_special_tokens=True``, like the completions' final text.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], rows: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.offsets = [(0, 0)] * rows  # (prefix, read) per row
+        self.tails = [""] * rows
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, row: int, token: int) -> bool:
+        """Append ``token`` to ``row``; whether the row's text now contains a stop string."""
+        ids = self.ids[row]
+        ids.append(int(token))
+        prefix, read = self.offsets[row]
+        before, after = self._decode(ids[prefix:read]), self._decode(ids[prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False
+        self.offsets[row] = (read, len(ids))
+        window = self.tails[row] + after[len(before):]
+        self.tails[row] = window[-self.keep:] if self.keep else ""
+        return trim_at_stop(window, self.stops)[1]
 
 
 def finish_reason(raw: str | None, stopped_here: bool = False) -> str:

@@ -17,6 +17,12 @@ What each method is for:
 - top-k log-probs per generated position — ``SamplingParams.top_logprobs`` (KD).
 - :meth:`ModelBackend.embed` — sentence embeddings, or a causal LM's last-layer
   hidden state at the last token (deita's representation).
+
+What stages may ask a backend about its model, and nothing else:
+:attr:`ModelBackend.identity` (enters cache keys), :attr:`ModelBackend.kind`
+(``"causal-lm"`` or ``"embedding"``), :attr:`ModelBackend.context_length`,
+:meth:`ModelBackend.count_tokens`, :attr:`ModelBackend.tokenizer`, and
+:meth:`ModelBackend.close` to release the model's memory and connections.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
+
+#: ``"causal-lm"``: generates and scores, ``embed`` is its last-token hidden state;
+#: ``"embedding"``: a sentence-embedding model, ``embed`` only
+BackendKind = Literal["causal-lm", "embedding"]
 
 
 class ModelError(RuntimeError):
@@ -138,6 +148,23 @@ class ModelBackend(ABC):
 
     #: e.g. ``"hf:embedded:smollm2-135m-instruct@<sha256[:12]>"``; enters cache keys.
     identity: str
+    #: what the model is (see :data:`BackendKind`)
+    kind: BackendKind = "causal-lm"
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int | None:
+        """The most tokens (prompt + generated) the model takes; ``None`` when unknown."""
+
+    @abstractmethod
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens each text is as a prompt to this model (BOS included, as sent)."""
+
+    def close(self) -> None:
+        """Release the model's memory and connections; safe to call twice. The default does nothing.
+
+        A closed backend must not be called again (load a new one).
+        """
 
     @property
     @abstractmethod

@@ -24,6 +24,12 @@ What is computed, and the choices made:
   explicit position ids. Only the positions that are scored go through the LM
   head (the big vocabulary projection), in chunks that bound memory.
 - **Sampling** is reproducible per prompt: see :mod:`thresher.generators.sampling`.
+- **Decoding** is a hand-written loop over a KV cache
+  (:func:`~thresher.generators.hf_decode.decode_batch`), kept rather than
+  ``model.generate``: a test pins its greedy output to ``generate(do_sample=False)``
+  over 48 tokens, and ``generate`` would need a custom logits processor and
+  stopping criterion to sample per prompt independently of the batch (see
+  :mod:`thresher.generators.hf_decode`).
 - **Truncation**: ``continuation_logprobs`` cuts prompt + continuation from the
   right at ``max_tokens`` or the context and flags it; ``next_token_logprobs``
   keeps the *last* tokens of an over-long prompt (its end asks the question);
@@ -34,10 +40,10 @@ What is computed, and the choices made:
 
 from __future__ import annotations
 
-import hashlib
+import gc
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -53,72 +59,19 @@ from thresher.generators.base import (
 )
 from thresher.generators.backend_common import PromptEncoder, resolve_single_tokens, truncate_pair
 from thresher.generators.batching import pad_batch, plan_batches
-from thresher.generators.embedded import is_embedded, resolve_embedded
-from thresher.generators.sampling import find_stop, row_uniforms, select_tokens
+from thresher.generators.embedded import is_embedded
+from thresher.generators.hf_decode import decode_batch
+from thresher.generators.hf_head import SelectedLogits, head_logits, log_normalizer_
+from thresher.generators.model_files import backend_kind, load_tokenizer, resolve_model_path
 from thresher.schemas.model_config import ModelConfig
 
-#: bytes of float32 logits one LM-head chunk may hold (positions x vocab x 4); on CPU one
-#: buffer of this size is kept and reused (256 positions of a 262k vocabulary: the GEMM's
-#: best block size here, and no page faulting of a fresh half-gigabyte per chunk)
-LOGITS_CHUNK_BYTES = 1 << 28
 #: on CPU, real tokens after which a batch closes rather than carry > 10% padding
 MIN_CPU_BATCH_TOKENS = 512
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
-    """``log sum_v exp(logits[:, v])`` per row, max-shifted like ``torch.logsumexp``,
-    computed in place: ``logits`` is overwritten. On CPU this is ~2.5x faster than
-    ``torch.logsumexp`` over a 262k vocabulary and needs no full-size temporary."""
-    top = logits.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of all -inf
-    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def _fingerprint(folder: Path) -> str:
-    """sha256 over a model folder's config.json text and weights file names + sizes."""
-    h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix in {".safetensors", ".bin", ".gguf"}:
-            h.update(f"{p.relative_to(folder)}:{p.stat().st_size}".encode())
-    return h.hexdigest()[:12]
-
-
-def resolve_model_path(name: str, revision: str | None = None) -> tuple[Path, str, str]:
-    """``(directory, kind, identity)`` for an embedded name, a local folder or a cached hub id.
-
-    ``kind`` is ``"sentence-transformer"`` (a folder with ``modules.json``) or
-    ``"causal-lm"``. Nothing is ever downloaded: a hub id must already be in the
-    local Hugging Face cache.
-    """
-    if is_embedded(name):
-        r = resolve_embedded(name)
-        return r.path, r.kind, r.identity
-    local = Path(name).expanduser()
-    if local.is_dir():
-        path = local.resolve()
-        ident = f"{path}@{_fingerprint(path)}"
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(name, revision=revision, local_files_only=True))
-        except Exception as exc:  # not in the local cache, or not a repo id at all
-            raise ModelError(
-                f"model {name!r} is neither an embedded model, a local folder, nor a "
-                f"Hugging Face repo already on disk; thresher never downloads at run time "
-                f"(fetch it first, e.g. `huggingface-cli download {name}`): {exc}"
-            ) from exc
-        ident = f"{name}@{path.name}"  # the snapshot folder is named by its commit
-    kind = "sentence-transformer" if (path / "modules.json").is_file() else "causal-lm"
-    return path, kind, ident
+# --------------------------------------------------------------------------- device, dtype
 
 
 def pick_device(device: str) -> torch.device:
@@ -160,9 +113,11 @@ class HFBackend(ModelBackend):
         if self.cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(self.cfg.threads)
         self._lock = threading.RLock()
-        path, self.kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
+        self._closed = False
+        path, file_kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
         self.path = path
-        if self.kind == "sentence-transformer":
+        self.kind = backend_kind(file_kind)
+        if self.kind == "embedding":
             self._load_sentence_transformer(path)
             self.identity = f"hf:{ident}"
         else:
@@ -185,7 +140,7 @@ class HFBackend(ModelBackend):
         self.context = int(self.st.max_seq_length or 512)
 
     def _load_causal_lm(self, path: Path) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         revision = None if is_embedded(self.cfg.name) else self.cfg.revision
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -198,7 +153,7 @@ class HFBackend(ModelBackend):
         tok_src: Path | str = path
         if self.cfg.tokenizer:
             tok_src = resolve_model_path(self.cfg.tokenizer)[0]
-        self._tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
+        self._tok = load_tokenizer(tok_src)
         if self._tok.pad_token is None:
             self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
         self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
@@ -207,7 +162,8 @@ class HFBackend(ModelBackend):
         self._encoder = PromptEncoder(self._tok)
         self._prefix_ids = self._encoder.prefix_ids
         self._eos_ids = self._collect_eos_ids()
-        self._split_head = self._check_split_head()
+        probe = self._prefix_ids + self._tok("The cat sat", add_special_tokens=False)["input_ids"]
+        self._selected = SelectedLogits(self.model, self.device, probe)
 
     def _collect_eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -218,24 +174,32 @@ class HFBackend(ModelBackend):
                 ids.update(int(x) for x in src)
         return ids
 
-    def _check_split_head(self) -> bool:
-        """Whether LM head(base model hidden states) reproduces the model's own logits.
-
-        True for Llama/Gemma-style heads (plus Gemma's optional final soft-cap);
-        a model with another head falls back to full forwards.
-        """
-        ids = torch.tensor([self._prefix_ids + self._tok("The cat sat", add_special_tokens=False)["input_ids"]],
-                           device=self.device)
-        with torch.inference_mode():
-            full = self.model(input_ids=ids).logits.float()
-            mine = self._head(self.model.base_model(input_ids=ids).last_hidden_state)
-        return bool(torch.allclose(full, mine, atol=1e-3, rtol=1e-3))
-
     # ------------------------------------------------------------------ helpers
 
     @property
     def tokenizer(self) -> Any:
         return self._tok
+
+    @property
+    def context_length(self) -> int:
+        return self.context
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Prompt tokens as :meth:`encode_prompts` makes them; a sentence-transformer's with its special tokens."""
+        if self.kind == "embedding":
+            return [len(ids) for ids in self._tok(list(texts))["input_ids"]] if texts else []
+        return [len(ids) for ids in self.encode_prompts(texts)]
+
+    def close(self) -> None:
+        """Drop the model and the logits buffer, and free the CUDA cache; later calls raise."""
+        with self._lock:
+            self._closed = True
+            if self.model is not None:
+                self._selected.close()
+            self.model = self.st = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True
@@ -247,7 +211,12 @@ class HFBackend(ModelBackend):
             )
         return super().apply_chat_template(messages, add_generation_prompt)
 
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ModelError(f"the hf backend of {self.cfg.name} was closed; load the model again")
+
     def _require_lm(self, what: str) -> None:
+        self._require_open()
         if self.model is None:
             raise ModelError(f"{self.cfg.name} is a sentence-transformer: it cannot {what}")
 
@@ -275,54 +244,8 @@ class HFBackend(ModelBackend):
         return plan_batches(lengths, self.cfg.batch_size, self.cfg.max_batch_tokens, min_tokens)
 
     def _head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """LM-head logits (float32) of hidden states, with the config's final soft-cap.
-
-        With ``out`` (a float32 ``(n, vocab)`` buffer) and float32 weights the logits
-        are written into ``out[:len(hidden)]`` instead of a fresh tensor.
-        """
-        head = self.model.get_output_embeddings()
-        if out is not None and head.weight.dtype == torch.float32 and hidden.dtype == torch.float32:
-            logits = torch.matmul(hidden, head.weight.T, out=out[: hidden.shape[0]])
-            if head.bias is not None:
-                logits.add_(head.bias)
-        else:
-            logits = head(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits.div_(cap).tanh_().mul_(cap)
-        return logits
-
-    def _logits_buffer(self, rows: int, vocab: int) -> torch.Tensor | None:
-        """The reusable CPU logits buffer (None on accelerators, whose allocators cache)."""
-        if self.device.type != "cpu":
-            return None
-        buf = getattr(self, "_logits_buf", None)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab:
-            buf = self._logits_buf = torch.empty(rows, vocab, dtype=torch.float32)
-        return buf
-
-    def _forward_selected(
-        self, ids: torch.Tensor, select: torch.Tensor, reduce: Callable[[torch.Tensor, slice], torch.Tensor]
-    ) -> torch.Tensor:
-        """``reduce(logits_chunk, chunk_slice)`` over the positions ``select`` (bool, B x L), concatenated.
-
-        ``ids`` is right-padded, so no attention mask is needed. The LM head runs
-        only on the selected positions, in chunks of at most LOGITS_CHUNK_BYTES.
-        ``reduce`` may overwrite the logits it is given (they live in a reused buffer).
-        """
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        chunk = max(16, LOGITS_CHUNK_BYTES // (4 * vocab))
-        if self._split_head:
-            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[select]
-            n = hidden.shape[0]
-            buf = self._logits_buffer(min(chunk, n), vocab) if n else None
-            parts = [reduce(self._head(hidden[a:a + chunk], buf), slice(a, min(a + chunk, n)))
-                     for a in range(0, n, chunk)]
-        else:
-            logits = self.model(input_ids=ids, use_cache=False).logits[select].float()
-            n = logits.shape[0]
-            parts = [reduce(logits[a:a + chunk], slice(a, min(a + chunk, n))) for a in range(0, n, chunk)]
-        return torch.cat(parts) if parts else torch.empty(0, device=self.device)
+        """LM-head logits (float32) of hidden states (see :func:`~thresher.generators.hf_head.head_logits`)."""
+        return head_logits(self.model, hidden, out)
 
     # ------------------------------------------------------------------ scoring
 
@@ -363,7 +286,7 @@ class HFBackend(ModelBackend):
                     picked = logits.gather(-1, labels[sl, None]).squeeze(-1)
                     return picked - log_normalizer_(logits)
 
-                flat = self._forward_selected(ids, select, reduce).double().cpu().tolist()
+                flat = self._selected.run(ids, select, reduce).double().cpu().tolist()
                 start = 0
                 for i in batch:
                     n = len(c_ids[i])
@@ -400,7 +323,7 @@ class HFBackend(ModelBackend):
                 def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
                     return logits[:, cand] - log_normalizer_(logits)[:, None]
 
-                out[batch] = self._forward_selected(ids, select, reduce).double().cpu().numpy()
+                out[batch] = self._selected.run(ids, select, reduce).double().cpu().numpy()
         return out
 
     # ------------------------------------------------------------------ embeddings
@@ -408,6 +331,7 @@ class HFBackend(ModelBackend):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Sentence-transformers: the model's pooling, L2-normalized. Causal LM: the
         last layer's hidden state (after the final norm) at the last real token."""
+        self._require_open()
         with self._lock, torch.inference_mode():
             if self.st is not None:
                 if not texts:
@@ -450,8 +374,11 @@ class HFBackend(ModelBackend):
             lengths = [len(enc[i]) + params.max_tokens for i, _ in rows]
             for batch in self._batches(lengths, decode=True):
                 sub = [rows[r] for r in batch]
-                comps = self._decode([enc[i] for i, _ in sub], [prompts[i] for i, _ in sub],
-                                     [j for _, j in sub], params)
+                comps = decode_batch(
+                    self.model, self._tok, [enc[i] for i, _ in sub], [prompts[i] for i, _ in sub],
+                    [j for _, j in sub], params, pad_id=self.pad_id, eos_ids=self._eos_ids,
+                    context=self.context, device=self.device,
+                )
                 found.update(zip(sub, comps))
         out = []
         for i, prompt in enumerate(prompts):
@@ -462,71 +389,3 @@ class HFBackend(ModelBackend):
                          for c in comps]
             out.append(Generation(prompt=prompt, completions=comps))
         return out
-
-    def _decode(
-        self, seqs: list[list[int]], texts: list[str], sample_idx: list[int], params: SamplingParams
-    ) -> list[Completion]:
-        """Decode one left-padded batch with a KV cache until every row has stopped."""
-        dev = self.device
-        ids, mask, _ = pad_batch(seqs, self.pad_id, "left", dev)
-        rows, width = ids.shape
-        steps = max(0, min(params.max_tokens, self.context - width))
-        greedy = params.temperature <= 0
-        u = None if greedy else row_uniforms(texts, sample_idx, params.seed, steps).to(dev)
-        stop_ids = torch.tensor(sorted(self._eos_ids | set(params.stop_token_ids)) or [-1], device=dev)
-        k = params.top_logprobs or 0
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        finished = torch.zeros(rows, dtype=torch.bool, device=dev)
-        n_gen = torch.zeros(rows, dtype=torch.long, device=dev)
-        by_token = torch.zeros(rows, dtype=torch.bool, device=dev)
-        by_string = [False] * rows
-        generated: list[torch.Tensor] = []
-        top_ids: list[torch.Tensor] = []
-        top_lps: list[torch.Tensor] = []
-        if steps:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        for step in range(steps):
-            logits = out.logits[:, -1, :].float()
-            if k:
-                lp, ti = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
-                top_ids.append(ti)
-                top_lps.append(lp)
-            nxt = select_tokens(logits, params.temperature, params.top_p, None if u is None else u[:, step])
-            nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
-            generated.append(nxt)
-            n_gen += (~finished).long()
-            hit = torch.isin(nxt, stop_ids) & ~finished
-            by_token |= hit
-            finished |= hit
-            if params.stop:
-                gen = torch.stack(generated, dim=1).cpu()
-                for r in (~finished).nonzero().flatten().tolist():
-                    text = self._tok.decode(gen[r, : int(n_gen[r])].tolist(), skip_special_tokens=True)
-                    if find_stop(text, params.stop) >= 0:
-                        by_string[r] = True
-                        finished[r] = True
-            if bool(finished.all()) or step == steps - 1:
-                break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=out.past_key_values, use_cache=True)
-        gen = torch.stack(generated, dim=1).cpu() if generated else torch.zeros((rows, 0), dtype=torch.long)
-        tops = None
-        if k and top_ids:
-            tops = (torch.stack(top_ids, dim=1).cpu().tolist(), torch.stack(top_lps, dim=1).double().cpu().tolist())
-        comps = []
-        for r in range(rows):
-            n = int(n_gen[r])
-            toks = gen[r, :n].tolist()
-            text_toks = toks[:-1] if bool(by_token[r]) else toks
-            text = self._tok.decode(text_toks, skip_special_tokens=True)
-            cut = find_stop(text, params.stop) if params.stop else -1
-            if cut >= 0:
-                text = text[:cut]
-            reason = "stop" if (bool(by_token[r]) or by_string[r] or cut >= 0) else "length"
-            top = None
-            if k:
-                top = [] if tops is None else [list(zip(tops[0][r][t], tops[1][r][t])) for t in range(n)]
-            comps.append(Completion(text=text, token_ids=toks, finish_reason=reason, top_logprobs=top))
-        return comps

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from thresher.generators.base import (
+    BackendKind,
     Completion,
     ContinuationScore,
     Generation,
@@ -172,6 +173,9 @@ def _generation_from_json(prompt: str, v: list[dict[str, Any]]) -> Generation:
 class CachedBackend(ModelBackend):
     """Wraps a backend: serves cached items, sends only the misses to it, as one batch.
 
+    It offers the :class:`ModelBackend` interface only; a stage that needs
+    something else of the model must get it added to that interface.
+
     ``model_calls`` counts calls made to the inner backend, ``cache_hits`` the
     items served from the cache, ``items_computed`` the items the inner backend
     computed. Identical items within one batch are computed once.
@@ -193,11 +197,21 @@ class CachedBackend(ModelBackend):
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         return self.inner.apply_chat_template(messages, add_generation_prompt)
 
-    def __getattr__(self, name: str) -> Any:
-        # anything else (cfg, device, encode_prompts...) comes from the inner backend
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def kind(self) -> BackendKind:  # type: ignore[override]
+        return self.inner.kind
+
+    @property
+    def context_length(self) -> int | None:
+        return self.inner.context_length
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    def close(self) -> None:
+        """Close the inner backend (shared with every other user of it) and the cache file."""
+        self.inner.close()
+        self.cache.close()
 
     def _cached(
         self,

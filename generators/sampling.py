@@ -65,14 +65,3 @@ def select_tokens(
         idx = order.gather(-1, idx)
     return idx.squeeze(-1)
 
-
-def find_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest occurrence of any stop string in ``text``, or -1."""
-    best = -1
-    for s in stops:
-        if not s:
-            continue
-        k = text.find(s)
-        if k != -1 and (best == -1 or k < best):
-            best = k
-    return best

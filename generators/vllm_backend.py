@@ -27,11 +27,14 @@ score the same token ids.
   generation cannot also pool, so ``embed`` raises a :class:`ModelError`
   pointing to the ``hf`` backend (deita's last-token hidden state).
 
-vLLM is imported lazily; a missing install is a clear :class:`ModelError`.
+The engine is shared by the backends of one process built from the same
+engine settings; :meth:`VLLMBackend.close` shuts it down when the last of them
+closes. vLLM is imported lazily; a missing install is a clear :class:`ModelError`.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,6 +60,7 @@ from thresher.generators.base import (
     ModelError,
     SamplingParams,
 )
+from thresher.generators.model_files import backend_kind, load_tokenizer, resolve_model_path
 from thresher.schemas.model_config import ModelConfig
 
 #: the engine's ``max_logprobs``: the largest top-k a request may ask for
@@ -64,7 +68,8 @@ MAX_LOGPROBS = 64
 #: top-k asked for in next-token probes
 PROBE_LOGPROBS = 20
 
-_ENGINES: dict[tuple[Any, ...], Any] = {}
+#: engine key -> [engine, number of open backends using it]
+_ENGINES: dict[tuple[Any, ...], list[Any]] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -80,15 +85,51 @@ def import_vllm() -> Any:
     return vllm
 
 
+def _engine_key(path: Path, cfg: ModelConfig, pooling: bool) -> tuple[Any, ...]:
+    return (str(path), cfg.tokenizer, cfg.dtype, cfg.max_model_len, cfg.gpu_memory_utilization, pooling)
+
+
 def get_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
-    """The process's ``vllm.LLM`` for this model and these engine settings, built once."""
-    key = (str(path), cfg.tokenizer, cfg.dtype, cfg.max_model_len, cfg.gpu_memory_utilization, pooling)
+    """The process's ``vllm.LLM`` for this model and these engine settings, built once.
+
+    Each call counts one more user; :func:`release_engine` gives it back.
+    """
+    key = _engine_key(path, cfg, pooling)
     with _ENGINES_LOCK:
-        llm = _ENGINES.get(key)
-        if llm is None:
-            llm = _build_engine(path, cfg, pooling)
-            _ENGINES[key] = llm
-        return llm
+        entry = _ENGINES.get(key)
+        if entry is None:
+            entry = _ENGINES[key] = [_build_engine(path, cfg, pooling), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_engine(path: Path, cfg: ModelConfig, pooling: bool) -> None:
+    """One user fewer; the last one shuts the engine down and frees its GPU memory."""
+    key = _engine_key(path, cfg, pooling)
+    with _ENGINES_LOCK:
+        entry = _ENGINES.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _ENGINES[key]
+    llm = entry[0]
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (getattr(engine, "engine_core", None), engine, llm):  # vLLM V1, then older
+        shutdown = getattr(owner, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+            break
+    del llm, engine, entry
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
@@ -104,8 +145,6 @@ def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.tokenizer:
-        from thresher.generators.hf import resolve_model_path
-
         kwargs["tokenizer"] = str(resolve_model_path(cfg.tokenizer)[0])
     if not pooling:
         return vllm.LLM(**kwargs)
@@ -131,21 +170,18 @@ class VLLMBackend(ModelBackend):
         if self.cfg.backend != "vllm":
             raise ModelError(f"VLLMBackend got a config for backend {self.cfg.backend!r}")
         self.vllm = import_vllm()
-        from transformers import AutoTokenizer
-
-        from thresher.generators.hf import resolve_model_path
-
-        path, self.kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
+        path, file_kind, ident = resolve_model_path(self.cfg.name, self.cfg.revision)
         self.path = path
+        self.kind = backend_kind(file_kind)
         self.identity = f"vllm:{ident}:{self.cfg.dtype}"
         if self.cfg.tokenizer:  # another tokenizer, another model as far as results go
             self.identity += f":tokenizer={resolve_model_path(self.cfg.tokenizer)[2]}"
         if self.cfg.max_model_len:  # changes where long inputs are cut
             self.identity += f":ctx={self.cfg.max_model_len}"
         tok_src = resolve_model_path(self.cfg.tokenizer)[0] if self.cfg.tokenizer else path
-        self._tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
+        self._tok = load_tokenizer(tok_src)
         self.encoder = PromptEncoder(self._tok)
-        self.llm = get_engine(path, self.cfg, pooling=self.kind == "sentence-transformer")
+        self.llm: Any = get_engine(path, self.cfg, pooling=self.kind == "embedding")
         self.context = self.cfg.max_model_len or _engine_context(self.llm) or int(
             min(getattr(self._tok, "model_max_length", 2048), 1 << 20))
 
@@ -153,10 +189,29 @@ class VLLMBackend(ModelBackend):
     def tokenizer(self) -> Any:
         return self._tok
 
+    @property
+    def context_length(self) -> int:
+        return self.context
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.encoder.encode_prompts(list(texts))]
+
+    def close(self) -> None:
+        """Give the engine back; the last backend using it shuts it down. Later calls raise."""
+        if self.llm is not None:
+            self.llm = None
+            release_engine(self.path, self.cfg, pooling=self.kind == "embedding")
+
     # ------------------------------------------------------------------ plumbing
 
+    def _engine(self) -> Any:
+        if self.llm is None:
+            raise ModelError(f"the vllm backend of {self.cfg.name} was closed; load the model again")
+        return self.llm
+
     def _require_lm(self, what: str) -> None:
-        if self.kind == "sentence-transformer":
+        self._engine()
+        if self.kind == "embedding":
             raise ModelError(f"{self.cfg.name} is a sentence-transformer: it cannot {what}")
 
     def _prompt(self, ids: Sequence[int]) -> Any:
@@ -165,7 +220,7 @@ class VLLMBackend(ModelBackend):
         return TokensPrompt(prompt_token_ids=[int(t) for t in ids])
 
     def _run(self, prompts: list[Any], params: Any) -> list[Any]:
-        return self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        return self._engine().generate(prompts, params, use_tqdm=False) if prompts else []
 
     def _prompt_logprobs(self, seqs: list[list[int]]) -> list[list[Any]]:
         """``prompt_logprobs`` (one entry per position, ``None`` first) of each sequence."""
@@ -243,7 +298,7 @@ class VLLMBackend(ModelBackend):
             )
             for p in enc
         ]
-        outs = self.llm.generate([self._prompt(p) for p in enc], sps, use_tqdm=False) if enc else []
+        outs = self._run([self._prompt(p) for p in enc], sps)
         result = []
         for prompt, out in zip(prompts, outs):
             comps = [self._completion(o, params, k) for o in out.outputs]
@@ -262,7 +317,7 @@ class VLLMBackend(ModelBackend):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Sentence-transformer embeddings through vLLM's pooling runner (L2-normalized)."""
-        if self.kind != "sentence-transformer":
+        if self.kind != "embedding":
             raise ModelError(
                 f"{self.cfg.name} is loaded in vLLM for generation, and a generation engine cannot "
                 "pool hidden states; compute causal-LM embeddings (deita) with backend: hf, or embed "
@@ -270,7 +325,7 @@ class VLLMBackend(ModelBackend):
             )
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
-        outs = self.llm.embed(list(texts), use_tqdm=False)
+        outs = self._engine().embed(list(texts), use_tqdm=False)
         emb = np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.where(norms > 0, norms, 1.0)

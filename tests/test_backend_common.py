@@ -9,6 +9,7 @@ import pytest
 
 from thresher.generators.backend_common import (
     PromptEncoder,
+    StopScanner,
     TokenStrings,
     candidate_row,
     finish_reason,
@@ -139,6 +140,33 @@ def test_trim_at_stop_and_finish_reason():
     assert finish_reason("length") == "length"
     assert finish_reason("length", stopped_here=True) == "stop"
     assert finish_reason("eos") == finish_reason(None) == finish_reason("stop") == "stop"
+
+
+STOP_TEXTS = [
+    "Hello world. How are you?\n\nFine, thanks.",
+    "Les élèves ont mangé des crêpes ; 東京は日本の首都です。 🍣🍜 done.",
+    "<|im_start|>assistant\nAnswer: 42<|im_end|> and then more text",
+    "   spaced    out\ttabs\nnew lines ### end ###",
+    "emoji 👩‍👩‍👧 family then ok",
+]
+STOPS = [(".",), ("\n\n", "?"), ("###",), ("首都",), ("🍜",), ("out\tt",), ("ok",), ("zzz",), ("42<",)]
+
+
+@pytest.mark.parametrize("tok_name", ["smol_tok", "gemma_tok"])
+def test_stop_scanner_finds_stops_where_a_full_decode_does(tok_name, request):
+    """Token by token, the scanner fires at the first token whose full decoded text contains a stop."""
+    tok = request.getfixturevalue(tok_name)
+    checked = 0
+    for text in STOP_TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for stops in STOPS:
+            scanner = StopScanner(tok, stops, rows=2)
+            fired = next((t + 1 for t, tid in enumerate(ids) if scanner.push(1, tid)), None)
+            full = next((t for t in range(1, len(ids) + 1)
+                         if trim_at_stop(tok.decode(ids[:t], skip_special_tokens=True), stops)[1]), None)
+            assert fired == full, (text, stops, fired, full)
+            checked += full is not None
+    assert checked >= 8  # pairs that do stop somewhere
 
 
 # --------------------------------------------------------------------------- token strings

@@ -188,6 +188,65 @@ def test_top_logprobs_shape_and_order(lm):
     np.testing.assert_allclose([v for _, v in c.top_logprobs[0]], top.values.numpy(), atol=1e-4)
 
 
+DECODE_PROMPTS = [
+    "Once upon a time",
+    "The recipe for pancakes is simple: first, take two cups of flour and",
+    "Q: Why is the sky blue?\nA:",
+    "In 1905, Albert Einstein published four papers that changed physics. The first of them explained",
+]
+
+
+def _transformers_greedy(backend, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """transformers' own ``generate(do_sample=False)`` on the backend's prompt ids, left-padded as one batch."""
+    from transformers import GenerationConfig
+
+    ids = backend.encode_prompts(prompts)
+    width, pad = max(map(len, ids)), backend.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    eos = sorted(backend._eos_ids)
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+    with torch.no_grad():
+        out = backend.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    rows = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))  # through the first EOS
+        rows.append(row[:end])
+    return rows
+
+
+def test_greedy_decode_equals_transformers_generate(smollm2_backend):
+    """The hand-written decode loop is transformers' greedy search, batched and one prompt at a time."""
+    n = 48
+    params = SamplingParams(max_tokens=n)
+    ours = [g.completions[0].token_ids for g in smollm2_backend.generate(DECODE_PROMPTS, params)]
+    assert ours == _transformers_greedy(smollm2_backend, DECODE_PROMPTS, n)
+    assert max(map(len, ours)) == n  # at least one row ran all the steps
+    for prompt in DECODE_PROMPTS:
+        (alone,) = smollm2_backend.generate([prompt], params)
+        assert alone.completions[0].token_ids == _transformers_greedy(smollm2_backend, [prompt], n)[0]
+
+
+def test_stop_strings_are_found_where_a_full_decode_finds_them(smollm2_backend):
+    """Each row stops at the token whose text completes a stop string, as re-decoding everything would say."""
+    params = SamplingParams(max_tokens=48)
+    free = [g.completions[0] for g in smollm2_backend.generate(DECODE_PROMPTS, params)]
+    stops = ("the", ".", "\n\n")
+    stopped = [g.completions[0] for g in smollm2_backend.generate(DECODE_PROMPTS, dataclasses.replace(params, stop=stops))]
+    tok = smollm2_backend.tokenizer
+    hits = 0
+    for f, s in zip(free, stopped):
+        first = next((t for t in range(1, len(f.token_ids) + 1)
+                      if any(x in tok.decode(f.token_ids[:t], skip_special_tokens=True) for x in stops)), None)
+        if first is None:
+            assert s.token_ids == f.token_ids
+            continue
+        hits += 1
+        assert s.token_ids == f.token_ids[:first] and s.finish_reason == "stop"
+        assert not any(x in s.text for x in stops) and f.text.startswith(s.text)
+    assert hits >= 3
+
+
 def test_greedy_chat_reply(smollm2_backend):
     params = SamplingParams(max_tokens=24)
     (g,) = smollm2_backend.chat([[{"role": "user", "content": "What is the capital of France?"}]], params)
@@ -261,6 +320,37 @@ def test_cache_second_call_makes_no_model_call(tmp_path, smollm2_backend):
     # a fresh wrapper (another process, another batch size) reads the same entries
     other = CachedBackend(smollm2_backend, RequestCache(tmp_path / "req.sqlite"))
     assert np.array_equal(other.embed(["abc"]), e1[:1]) and other.model_calls == 0
+
+
+def test_cached_backend_offers_the_interface_only(tmp_path, smollm2_backend, minilm_backend):
+    for inner in (smollm2_backend, minilm_backend):
+        cached = CachedBackend(inner, RequestCache(tmp_path / "req.sqlite"))
+        texts = ["Hello", "<|im_start|>user\nHi<|im_end|>\n", ""]
+        assert cached.kind == inner.kind and cached.context_length == inner.context_length
+        assert cached.count_tokens(texts) == inner.count_tokens(texts)
+        with pytest.raises(AttributeError):
+            cached.cfg  # internals are not forwarded
+    assert smollm2_backend.kind == "causal-lm" and minilm_backend.kind == "embedding"
+    assert smollm2_backend.context_length == 8192 and minilm_backend.context_length == 256
+    assert smollm2_backend.count_tokens(texts) == [len(x) for x in smollm2_backend.encode_prompts(texts)]
+    assert minilm_backend.count_tokens(["hi there"]) == [4]  # [CLS] hi there [SEP]
+
+
+def test_close_releases_the_model_and_is_idempotent(tmp_path):
+    from thresher.generators.hf import HFBackend
+    from thresher.schemas.model_config import ModelConfig
+
+    backend = HFBackend(ModelConfig(name="embedded:smollm2-135m-instruct", max_model_len=32))
+    cached = CachedBackend(backend, RequestCache(tmp_path / "req.sqlite"))
+    assert cached.next_token_logprobs(["Pick: "], DIGITS).shape == (1, 6)
+    cached.close()
+    cached.close()
+    assert backend.model is None and backend._selected.model is None
+    with pytest.raises(ModelError, match="was closed"):
+        backend.generate(["Hi"], SamplingParams(max_tokens=2))
+    with pytest.raises(ModelError, match="was closed"):
+        backend.embed(["Hi"])
+    assert cached.next_token_logprobs(["Pick: "], DIGITS).shape == (1, 6)  # still served from the cache
 
 
 def _write_entries(path: str, start: int) -> None:

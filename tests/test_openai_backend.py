@@ -137,7 +137,7 @@ def test_continuation_scores_agree_with_hf(oa, hf):
     prompts = [_chat(hf, q) for q in QUESTIONS for _ in range(2)]
     conts = [c for g, b in zip(GOOD, BAD) for c in (g, b)]
     got, ref = oa.continuation_logprobs(prompts, conts), hf.continuation_logprobs(prompts, conts)
-    assert oa._mode == "text" and oa._shifts == {True: 0}  # llama-cpp-python: text prompts, calibrated
+    assert oa.server.mode == "text" and oa.echo.shifts == {True: 0}  # llama-cpp-python: text prompts, calibrated
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids and not g.truncated
         assert abs(g.mean - r.mean) <= MEAN_TOL + MEAN_REL_TOL * abs(r.mean), (g.mean, r.mean)
@@ -267,7 +267,7 @@ def test_unreachable_server_fails_after_retries(tmp_path):
     cfg = ModelConfig(name=MODEL, backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
                       served_model_name="m", max_retries=2, timeout_s=5)
     with OpenAIBackend(cfg) as backend:
-        backend.backoff_base_s = 0.2
+        backend.transport.backoff_base_s = 0.2
         t0 = time.monotonic()
         with pytest.raises(ModelError, match=r"failed after 3 attempts \(max_retries=2\).*Connect"):
             backend.embed(["x"])
@@ -279,7 +279,7 @@ def test_4xx_is_permanent_with_the_servers_message(server_url):
     cfg = ModelConfig(name=MODEL, backend="openai", base_url=server_url.replace("/v1", "/nope/v1"),
                       served_model_name="m", max_retries=5)
     with OpenAIBackend(cfg) as backend:
-        backend.backoff_base_s = 2.0
+        backend.transport.backoff_base_s = 2.0
         t0 = time.monotonic()
         with pytest.raises(ServerError) as err:
             backend.generate(["Hi"], SamplingParams(max_tokens=2))
@@ -291,7 +291,7 @@ def test_5xx_is_retried_and_reports_the_servers_message(server_url):
     # this server was started without --embedding: llama-cpp-python answers 500
     cfg = ModelConfig(name=MODEL, backend="openai", base_url=server_url, max_retries=1)
     with OpenAIBackend(cfg) as backend:
-        backend.backoff_base_s = 0.1
+        backend.transport.backoff_base_s = 0.1
         with pytest.raises(ModelError, match="failed after 2 attempts.*embedding=True"):
             backend.embed(["hello"])
 
@@ -316,7 +316,7 @@ def test_blocking_calls_from_a_running_loop_and_from_threads(oa, hf):
 def _mock(handler, **cfg) -> OpenAIBackend:
     cfg = {"name": "m", "backend": "openai", "base_url": "http://mock", "served_model_name": "m", **cfg}
     backend = OpenAIBackend(ModelConfig(**cfg), transport=httpx.MockTransport(handler))
-    backend.backoff_base_s = 0.01
+    backend.transport.backoff_base_s = 0.01
     return backend
 
 
@@ -352,6 +352,22 @@ def test_429_and_503_are_retried_honouring_retry_after():
     with _mock(handler) as backend:
         emb = backend.embed(["x"])
     assert emb.dtype == np.float32 and emb.tolist() == [[1.0, 2.0]] and len(calls) == 4
+
+
+def test_a_retry_after_header_sets_the_wait():
+    calls = []
+
+    def handler(request):
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0.6"}, text="busy")
+        return _embeddings(request)
+
+    with _mock(handler) as backend:  # backoff_base_s = 0.01: only the header can make it wait 0.6 s
+        backend.embed(["x"])
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.6
 
 
 def test_retries_exhausted_report_the_last_server_message():
@@ -410,12 +426,32 @@ def test_token_id_server_scores_exactly_like_hf(fake_vllm, hf):
     prompts = [_chat(hf, QUESTIONS[0]), "The capital of France is", ""]
     conts = [GOOD[0], " Paris.", "Hello"]
     got, ref = backend.continuation_logprobs(prompts, conts), hf.continuation_logprobs(prompts, conts)
-    assert backend._mode == "ids" and backend._model == "smol" and backend._context == 2048
+    assert backend.server.mode == "ids" and backend.server.model == "smol" and backend.context_length == 2048
     for g, r in zip(got, ref):
         assert g.token_ids == r.token_ids
         assert np.allclose(g.token_logprobs, r.token_logprobs, atol=1e-4)
     sent = [b for p, b in server.requests if p.endswith("/completions") and b.get("echo")]
     assert all(isinstance(b["prompt"], list) for b in sent)  # token ids, tokenized like hf
+
+
+def test_the_interface_facts_and_close(fake_vllm, hf):
+    server, backend = fake_vllm
+    texts = ["", "Hello there", _chat(hf, QUESTIONS[0])]
+    assert backend.kind == "causal-lm" and backend.count_tokens(texts) == hf.count_tokens(texts)
+    assert backend.context_length == 2048  # from the server's /v1/models
+    capped = OpenAIBackend(ModelConfig(name=MODEL, backend="openai", base_url="http://x/v1", max_model_len=64),
+                           transport=server.transport())
+    n = len(server.requests)
+    assert capped.context_length == 64 and len(server.requests) == n  # the config wins, no request
+    st = OpenAIBackend(ModelConfig(name="embedded:all-minilm-l6-v2", backend="openai", base_url="http://x/v1"))
+    assert st.kind == "embedding"
+    unknown = OpenAIBackend(ModelConfig(name="no/such-model", backend="openai", base_url="http://x/v1"))
+    assert unknown.kind == "causal-lm"
+    with capped:  # a used backend closes, twice is harmless, and a later call starts a new client
+        assert capped.generate(["Hi"], SamplingParams(max_tokens=1))[0].completions
+        capped.close()
+        capped.close()
+        assert capped.generate(["Hi"], SamplingParams(max_tokens=1))[0].completions
 
 
 def test_token_id_server_next_token_and_kd(fake_vllm, hf):

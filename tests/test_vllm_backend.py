@@ -96,3 +96,23 @@ def test_embed_on_a_generation_engine_is_a_clear_error(vb):
     backend, _ = vb
     with pytest.raises(ModelError, match="cannot pool hidden states"):
         backend.embed(["hello"])
+
+
+def test_close_shuts_the_shared_engine_down_with_its_last_user(vb, hf):
+    import thresher.generators.vllm_backend as vmod
+
+    backend, calls = vb
+    shutdowns = []
+    backend.llm.shutdown = lambda: shutdowns.append(1)
+    other = vmod.VLLMBackend(ModelConfig(name=MODEL, backend="vllm", max_model_len=512, batch_size=3))
+    assert other.llm is backend.llm and len(calls) == 1
+    assert backend.kind == "causal-lm" and backend.context_length == 512
+    texts = ["Hi", hf.apply_chat_template([{"role": "user", "content": "Hi"}])]
+    assert backend.count_tokens(texts) == hf.count_tokens(texts)
+    backend.close()
+    backend.close()  # twice is harmless
+    assert not shutdowns and other.generate(["Hi"], SamplingParams(max_tokens=1))  # still shared
+    with pytest.raises(ModelError, match="was closed"):
+        backend.generate(["Hi"], SamplingParams(max_tokens=1))
+    other.close()
+    assert shutdowns == [1] and vmod._ENGINES == {}
