@@ -127,7 +127,7 @@ class DeitaEmbedStage(Stage):
         """Each conversation rendered for this embedder."""
         fmt = self.params.format
         if fmt == "auto":
-            fmt = "vicuna" if getattr(backend, "kind", None) == "causal-lm" else "plain"
+            fmt = "vicuna" if backend.kind == "causal-lm" else "plain"
         if fmt == "plain":
             return [plain_text(c) for c in conversations]
         eos = self.params.eos or getattr(backend.tokenizer, "eos_token", None) or "</s>"

@@ -115,10 +115,8 @@ class Outcome:
 
 def backend_context(backend: ModelBackend) -> int | None:
     """The backend's context length in tokens, when it knows one."""
-    value = getattr(backend, "context", None)  # hf, vllm (a CachedBackend forwards it)
-    if isinstance(value, int) and value > 0:
-        return value
-    return getattr(getattr(backend, "cfg", None), "max_model_len", None)
+    value = backend.context_length
+    return value if isinstance(value, int) and value > 0 else None
 
 
 class PromptScorer:
