@@ -119,7 +119,7 @@ def run(
     _prepare_process()
     try:
         from thresher.flows.curate import apply_overrides, execute
-        from thresher.schemas.config import load_config
+        from thresher.flows.registry import load_config
 
         cfg = apply_overrides(load_config(config), input, out, dask_address, workers)
         if cache_dir:
@@ -145,7 +145,7 @@ def ingest(
     _prepare_process()
     try:
         from thresher.flows.curate import apply_overrides, execute
-        from thresher.schemas.config import parse_config
+        from thresher.flows.registry import parse_config
 
         cfg = parse_config({
             "name": "ingest",
@@ -179,7 +179,7 @@ def serve(
     _prepare_process()
     try:
         from thresher.flows.deploy import serve as serve_deployment
-        from thresher.schemas.config import load_config
+        from thresher.flows.registry import load_config
 
         load_config(config)  # fail now, not at the first scheduled run
         serve_deployment(str(config), name, cron, input, out, dask_address, workers)

@@ -38,6 +38,7 @@ from thresher.schemas.model_config import ModelConfig  # noqa: E402
 from thresher.schemas.records import make_record, records_table  # noqa: E402
 from thresher.selectors.grape import GrapeParams, GrapeStage  # noqa: E402
 from thresher.selectors.grape_prompt import PLAIN_TEMPLATE  # noqa: E402
+from thresher.selectors.nullable import floats  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval"
 
@@ -100,7 +101,7 @@ def main() -> None:
     loop_means, loop_total, loop_scored = per_candidate_loop(backend, rows, args.max_tokens)
     loop_s = time.perf_counter() - t
 
-    stage_means = np.array([np.nan if v is None else v for v in attrs["grape_logprob_mean"].to_pylist()])
+    stage_means = floats(attrs["grape_logprob_mean"])
     diff = float(np.nanmax(np.abs(stage_means - np.array(loop_means))))
     result = {
         "model": backend.identity, "candidates": rows.num_rows, "groups": args.groups,

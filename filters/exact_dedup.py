@@ -3,7 +3,7 @@
 Two rows are duplicates when their conversations are equal after Unicode NFC
 normalization and whitespace folding (``content_id``). The first row in corpus
 order (input files sorted by path, rows in file order) is kept; each later copy
-is rejected with reason ``exact_duplicate`` naming the row it repeats.
+is rejected with reason ``exact_duplicate``, the kept row in ``kept_row_id``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from thresher.flows.stage import Stage, StageOutput, StageParams
 
 class ExactDedupStage(Stage):
     name = "exact_dedup"
-    version = "1"
+    version = "2"  # 2: the kept row in kept_row_id
     kind = "global"
     Params = StageParams
 
@@ -25,6 +25,6 @@ class ExactDedupStage(Stage):
         for row_id, key in zip(rows["row_id"].to_pylist(), rows["content_id"].to_pylist()):
             kept = first_seen.setdefault(key, row_id)
             if kept != row_id:
-                rejected.append({"row_id": row_id, "reason": "exact_duplicate",
+                rejected.append({"row_id": row_id, "reason": "exact_duplicate", "kept_row_id": kept,
                                  "detail": f"same normalized content as row {kept}"})
         return StageOutput(rejected=rejected)

@@ -16,6 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import Stage, StageOutput, StageParams
+from thresher.schemas.records import split_response
 
 
 class ValidateParams(StageParams):
@@ -57,7 +58,7 @@ class ValidateStage(Stage):
         problem = turn_order_problem(messages)
         if problem:
             return "bad_turn_order", problem
-        if p.require_response and (not messages or messages[-1]["role"] != "assistant"):
+        if p.require_response and split_response(messages) is None:
             return "no_response", "the last turn is not an assistant response"
         n_turns = sum(m["role"] != "system" for m in messages)
         if p.max_turns is not None and n_turns > p.max_turns:

@@ -30,9 +30,13 @@ from tqdm.auto import tqdm
 
 from thresher.flows import pipeline
 from thresher.flows.manifest import build_manifest
-from thresher.flows.registry import stage_class
+from thresher.flows.model_lifecycle import (
+    model_events_everywhere, model_keys, release_models_everywhere, stage_models,
+)
+from thresher.flows.registry import build_stage, load_config, parse_config, stage_class
 from thresher.flows.store import Store
-from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry, load_config, parse_config
+from thresher.generators.registry import MEMORY_BUDGET_ENV
+from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry
 from thresher.schemas.readers import discover_inputs
 from thresher.schemas.report import render_report
 from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
@@ -56,6 +60,16 @@ def shard_stage_task(entry: StageEntry, state: dict, store_root: str) -> dict[st
 @task(name="stage-global", cache_policy=NO_CACHE, retry_delay_seconds=1)
 def global_stage_task(entry: StageEntry, states: list[dict], store_root: str) -> list[dict]:
     return pipeline.run_global_stage(entry, states, store_root)
+
+
+@task(name="release-models", cache_policy=NO_CACHE)
+def release_models_task(keep: list[str]) -> dict[str, list[str]]:
+    return release_models_everywhere(keep)
+
+
+@task(name="model-events", cache_policy=NO_CACHE)
+def model_events_task() -> list[dict]:
+    return model_events_everywhere()
 
 
 def _submit(task_fn, entry: StageEntry, *args):
@@ -94,7 +108,7 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     states = sharding["shards"]
 
     stage_runs: list[list[dict]] = []
-    for entry in config.stages:
+    for position, entry in enumerate(config.stages):
         kind = stage_class(entry.stage).kind
         if kind == "global":
             states = _progress([_submit(global_stage_task, entry, states, store_root)], entry.stage, show_progress)[0]
@@ -102,16 +116,22 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
             futures = [_submit(shard_stage_task, entry, s, store_root) for s in states]
             states = _progress(futures, entry.stage, show_progress)
         stage_runs.append([s["run"] for s in states])
+        if stage_models(entry):  # the stage is over: its models leave the workers
+            following = config.stages[position + 1] if position + 1 < len(config.stages) else None
+            release_models_task.submit(model_keys(following)).result()
+    uses_models = any(stage_models(entry) for entry in config.stages)
+    model_events = model_events_task.submit().result() if uses_models else []
 
     store = Store(store_root)
     kept = pipeline.collect_output(states, store)
     for entry in config.stages:
-        kept = entry.build().finalize_output(kept)
+        kept = build_stage(entry).finalize_output(kept)
     rejected = pipeline.collect_rejected(ingested, sharding, states, store)
     out = Path(config.out)
     files = write_outputs(out, kept, rejected, config.output.rows_per_file)
     manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, files,
                               seconds=time.perf_counter() - started)
+    manifest["model_lifecycle"] = model_events
     write_json_atomic(out / "manifest.json", manifest)
     write_text_atomic(out / "report.md", render_report(manifest, out))
     return manifest
@@ -175,6 +195,8 @@ def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
         "dashboard_address": None,
         "env": cpu_thread_env(local_cpu_threads(execution)),
     }
+    if execution.model_memory_gb:
+        cluster_kwargs["env"][MEMORY_BUDGET_ENV] = str(execution.model_memory_gb)
     api = shared_prefect_api()
     if api:
         cluster_kwargs["env"]["PREFECT_API_URL"] = api

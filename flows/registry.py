@@ -1,14 +1,21 @@
-"""Every stage a pipeline config can name, as ``name -> "module:Class"``.
+"""Every stage a pipeline config can name, as ``name -> "module:Class"``, and configs checked against them.
 
 Modules are imported only when a config names their stage, so a CPU-only
 pipeline never imports torch. To add a stage: write its module, add one line here.
+
+:mod:`thresher.schemas.config` holds the config's shape; :func:`parse_config` and
+:func:`load_config` here check it with every stage's parameters validated by the
+stage's ``Params`` model, and :func:`build_stage` makes a configured stage.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import Any
 
-from thresher.flows.stage import Stage
+from thresher.flows.stage import Stage, StageParams
+from thresher.schemas.config import PipelineConfig, StageEntry, load_config_file, validate_config
 
 STAGES: dict[str, str] = {
     "validate": "thresher.filters.validate:ValidateStage",
@@ -38,3 +45,23 @@ def stage_class(name: str) -> type[Stage]:
         raise UnknownStageError(f"unknown stage '{name}'; known stages: {', '.join(sorted(STAGES))}")
     module_name, class_name = STAGES[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def stage_params(name: str) -> type[StageParams]:
+    """The ``Params`` model of the stage registered under ``name``."""
+    return stage_class(name).Params
+
+
+def build_stage(entry: StageEntry) -> Stage:
+    """The configured stage, ready to run."""
+    return stage_class(entry.stage)(entry.params)
+
+
+def parse_config(data: dict[str, Any], base_dir: Path | None = None, origin: str = "config") -> PipelineConfig:
+    """Validate a config mapping, stages included; relative paths are resolved against ``base_dir``."""
+    return validate_config(data, stage_params, base_dir, origin)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML pipeline config, stages included (a clear ``ConfigError`` on any problem)."""
+    return load_config_file(path, stage_params)

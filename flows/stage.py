@@ -6,11 +6,15 @@ attribute column earlier stages wrote — and returns a :class:`StageOutput`:
 
 - ``attributes``: a table keyed by ``row_id`` with the columns in ``provides``.
   Scorers never rewrite rows; they add attributes.
-- ``rejected``: the rows this stage removes, each with a reason, a readable
-  detail and an optional number (the score or similarity that decided it).
+- ``rejected``: the rows this stage removes, one dict each with the keys of
+  :data:`STAGE_REJECTED_SCHEMA`: ``row_id`` and ``reason``, and optionally
+  ``code`` (a machine-readable sub-reason), ``detail`` (words, for people only),
+  ``value`` (the number that decided it) and ``kept_row_id`` (the row it lost to).
+  Anything code reads back goes in a typed column, never in ``detail``.
 
 Adding a stage is one small module: subclass :class:`Stage`, give it a
-``Params`` model, and name it in :mod:`thresher.flows.registry`.
+``Params`` model (:class:`ModelStageParams` when it runs a model), and name it in
+:mod:`thresher.flows.registry`.
 Params fields marked ``resource_knob()`` (batch sizes, devices, resources) stay
 out of cache keys; every other field is semantic and enters them.
 """
@@ -26,15 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 from thresher.schemas.model_config import ModelConfig
+from thresher.schemas.records import REJECTION_FIELDS, conform
 
-STAGE_REJECTED_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("value", pa.float64()),
-    ]
-)
+#: what a stage's ``rejected`` rows hold (the run adds source, candidate, stage and raw text)
+STAGE_REJECTED_SCHEMA = pa.schema([pa.field("row_id", pa.string()), *REJECTION_FIELDS])
 
 
 def resource_knob(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
@@ -65,6 +64,31 @@ class StageParams(BaseModel):
         return out
 
 
+def model_field(default: str, description: str) -> Any:
+    """A params field naming a model (a :class:`ModelConfig`), ``default`` when the config gives none."""
+    return Field(default_factory=lambda: ModelConfig(name=default), description=description)
+
+
+class ModelStageParams(StageParams):
+    """Base for the parameters of a stage that runs a model: ``model`` and its request cache.
+
+    Subclasses redeclare ``model`` with :func:`model_field` (their default and
+    description). The request-cache fields never change results, so they stay out
+    of cache keys.
+    """
+
+    model: ModelConfig = Field(description="the model this stage runs")
+    request_cache: bool = resource_knob(True, description="reuse model results from the on-disk request cache")
+    request_cache_path: str | None = resource_knob(
+        None, description="request cache file (default $THRESHER_CACHE_DIR/requests.sqlite)")
+
+    def load(self, model: ModelConfig | None = None) -> Any:
+        """The backend for ``model`` (default: this stage's), through the request cache when it is on."""
+        from thresher.generators.registry import load_model  # torch only where a model runs
+
+        return load_model(model or self.model, cache=self.request_cache, cache_path=self.request_cache_path)
+
+
 def _semantic_value(value: Any) -> Any:
     if isinstance(value, ModelConfig):
         return value.semantic_fields()
@@ -87,14 +111,18 @@ class StageOutput:
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
     def rejected_table(self) -> pa.Table:
-        return pa.Table.from_pylist(
-            [
-                {"row_id": r["row_id"], "reason": r["reason"], "detail": r.get("detail", ""),
-                 "value": r.get("value")}
-                for r in self.rejected
-            ],
-            schema=STAGE_REJECTED_SCHEMA,
-        )
+        """``rejected`` as a table of :data:`STAGE_REJECTED_SCHEMA` (an unknown key is an error)."""
+        for r in self.rejected:
+            unknown = set(r) - set(STAGE_REJECTED_SCHEMA.names)
+            if unknown:
+                raise KeyError(f"a rejected row has keys {sorted(unknown)} that are not rejection columns "
+                               f"({', '.join(STAGE_REJECTED_SCHEMA.names)})")
+        return pa.Table.from_pylist([{"detail": "", **r} for r in self.rejected], schema=STAGE_REJECTED_SCHEMA)
+
+
+def conform_rejected(table: pa.Table) -> pa.Table:
+    """A stored stage-rejected table in :data:`STAGE_REJECTED_SCHEMA` (columns added since then read as null)."""
+    return conform(table, STAGE_REJECTED_SCHEMA)
 
 
 class Stage(ABC):
@@ -133,8 +161,9 @@ class Stage(ABC):
         """Figures for the manifest and report once the run is over (optional).
 
         ``kept`` is the final output rows with all attributes; ``rejected`` is the
-        rows this stage rejected (``row_id, reason, detail, value``) joined with
-        their canonical columns.
+        rows this stage rejected as ``OUT/rejected`` holds them (``row_id, source,
+        source_row, candidate``, the rejection columns, ``raw``). Read the typed
+        columns (``code``, ``value``, ``kept_row_id``), never ``detail``.
         """
         return {}
 

@@ -1,8 +1,14 @@
-"""Pipeline configuration: pydantic models loaded from YAML, checked before any work starts.
+"""Pipeline configuration: its shape as pydantic models, loaded from YAML, checked before any work starts.
 
 An unknown key or a wrong type is a :class:`ConfigError` naming the key path
 (``stages[1] (select).budgt: unknown key``). Relative paths in a config file are
 resolved against the file's folder, so a config runs the same from any directory.
+
+This module knows the config's shape, not which stages exist: :func:`validate_config`
+and :func:`load_config_file` take a ``stage_params`` lookup (a stage name to its
+``Params`` model). Use :func:`thresher.flows.registry.parse_config` and
+:func:`thresher.flows.registry.load_config`, which pass the stage registry's.
+(``schemas`` never imports ``flows``: a test guards it.)
 
 Example::
 
@@ -19,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +37,13 @@ from thresher.schemas.formats import FORMATS
 
 class ConfigError(ValueError):
     """A configuration problem, with the file and key that caused it."""
+
+
+#: a stage name -> its ``Params`` model; raises ``KeyError`` (with a readable message) for an unknown name
+StageParamsLookup = Callable[[str], type[BaseModel]]
+
+#: stage keys renamed since an earlier version: old -> new (an old key is an error naming the new one)
+RENAMED_KEYS = {"chunk_rows": "chunk_size"}
 
 
 class IngestConfig(BaseModel):
@@ -58,6 +72,10 @@ class ExecutionConfig(BaseModel):
     cpu_threads_per_worker: int | None = Field(
         None, ge=1, description="CPU threads each local worker's models and numeric libraries use "
                                 "(default: this machine's cores / workers)")
+    model_memory_gb: float | None = Field(
+        None, gt=0, description="per local worker: loading a model releases the least recently used "
+                                "others until their measured footprints fit (default: no budget; a "
+                                "stage's models are released when it is over either way)")
 
 
 class OutputConfig(BaseModel):
@@ -67,17 +85,15 @@ class OutputConfig(BaseModel):
 
 
 class StageEntry(BaseModel):
-    """One configured stage: its registered name and validated parameters."""
+    """One configured stage: its registered name and its parameters, validated by its ``Params`` model.
+
+    :func:`thresher.flows.registry.build_stage` makes the stage itself.
+    """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     stage: str
     params: Any
-
-    def build(self):
-        from thresher.flows.registry import stage_class
-
-        return stage_class(self.stage)(self.params)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **self.params.model_dump(mode="json", exclude_defaults=True)}
@@ -116,14 +132,15 @@ def _explain(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         where = prefix + _where(tuple(e["loc"]))
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            new = RENAMED_KEYS.get(str(e["loc"][-1])) if e["loc"] else None
+            msg = f"unknown key (renamed: use '{new}')" if new else "unknown key"
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
 
 
-def _stage_entries(raw_stages: Any) -> list[StageEntry]:
-    from thresher.flows.registry import UnknownStageError, stage_class
-
+def _stage_entries(raw_stages: Any, stage_params: StageParamsLookup) -> list[StageEntry]:
     if not isinstance(raw_stages, list):
         raise ConfigError("stages: must be a list of {stage: <name>, ...params}")
     entries = []
@@ -135,11 +152,11 @@ def _stage_entries(raw_stages: Any) -> list[StageEntry]:
         params = dict(raw)
         name = params.pop("stage")
         try:
-            cls = stage_class(name)
-        except UnknownStageError as err:
+            params_model = stage_params(name)
+        except KeyError as err:
             raise ConfigError(f"stages[{i}].stage: {err}") from None
         try:
-            entries.append(StageEntry(stage=name, params=cls.Params(**params)))
+            entries.append(StageEntry(stage=name, params=params_model(**params)))
         except ValidationError as err:
             raise ConfigError(_explain(err, prefix=f"stages[{i}] ({name}).")) from None
     return entries
@@ -150,12 +167,15 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def parse_config(data: dict[str, Any], base_dir: Path | None = None, origin: str = "config") -> PipelineConfig:
-    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+def validate_config(
+    data: dict[str, Any], stage_params: StageParamsLookup, base_dir: Path | None = None, origin: str = "config",
+) -> PipelineConfig:
+    """Validate a config mapping, each stage's parameters by ``stage_params(name)``;
+    relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of keys")
     data = dict(data)
-    stages = _stage_entries(data.pop("stages", []))
+    stages = _stage_entries(data.pop("stages", []), stage_params)
     try:
         config = PipelineConfig(**data, stages=[])
     except ValidationError as err:
@@ -170,7 +190,7 @@ def parse_config(data: dict[str, Any], base_dir: Path | None = None, origin: str
     return config
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def load_config_file(path: str | Path, stage_params: StageParamsLookup) -> PipelineConfig:
     """Read and validate a YAML pipeline config (a clear :class:`ConfigError` on any problem)."""
     path = Path(path)
     if not path.exists():
@@ -179,4 +199,4 @@ def load_config(path: str | Path) -> PipelineConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return parse_config(data, base_dir=path.resolve().parent, origin=str(path))
+    return validate_config(data, stage_params, base_dir=path.resolve().parent, origin=str(path))

@@ -12,8 +12,10 @@ Every input row, whatever its format, becomes::
     candidate     string   who wrote the response (a model name), when known
     meta          string   JSON object: the record's other fields, provenance
 
-Rows that cannot be read go to the rejected table (:data:`REJECTED_SCHEMA`) with
-their reason and raw text; nothing is dropped silently.
+Rows that cannot be read, and rows a stage removes, go to the rejected table
+(:data:`REJECTED_SCHEMA`) with their reason and raw text; nothing is dropped silently.
+Why a row was rejected is said in typed columns (:data:`REJECTION_FIELDS`) that code
+reads, and once more in words in ``detail``, which only people read.
 """
 
 from __future__ import annotations
@@ -42,15 +44,28 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
+#: Why a row was rejected, as every stage reports it (see the README's "Rejection columns"):
+#: ``reason`` the reason code; ``code`` a machine-readable sub-reason (e.g. the scorer
+#: failure ``complexity:truncated``), null when the reason says it all; ``detail`` the same
+#: in words, for people only (code never parses it); ``value`` the number that decided it
+#: (a score, a similarity), null when none; ``kept_row_id`` the row it was rejected in
+#: favour of (the copy kept, the group's winner, the most similar accepted row), null when none.
+REJECTION_FIELDS = (
+    pa.field("reason", pa.string()),
+    pa.field("code", pa.string()),
+    pa.field("detail", pa.string()),
+    pa.field("value", pa.float64()),
+    pa.field("kept_row_id", pa.string()),
+)
+
 REJECTED_SCHEMA = pa.schema(
     [
         ("row_id", pa.string()),
         ("source", pa.string()),
         ("source_row", pa.int64()),
+        ("candidate", pa.string()),
         ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("value", pa.float64()),
+        *REJECTION_FIELDS,
         ("raw", pa.string()),
     ]
 )
@@ -84,11 +99,18 @@ def content_id(messages: Sequence[dict[str, str]]) -> str:
     return _digest("content", _normalized_turns(messages))
 
 
+def split_response(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], str] | None:
+    """(the conversation before the final assistant turn, that turn's text), or None
+    when the conversation does not end with an assistant turn (no response to score)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return None
+    return list(messages[:-1]), messages[-1]["content"]
+
+
 def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """The conversation up to (not including) its final assistant turn."""
-    if messages and messages[-1]["role"] == "assistant":
-        return list(messages[:-1])
-    return list(messages)
+    """The conversation up to (not including) its final assistant turn (all of it when there is none)."""
+    split = split_response(messages)
+    return split[0] if split is not None else list(messages)
 
 
 def group_id(messages: Sequence[dict[str, str]]) -> str:
@@ -132,16 +154,22 @@ def make_rejected(
     raw: str | None,
     row_id: str | None = None,
     value: float | None = None,
+    code: str | None = None,
+    kept_row_id: str | None = None,
+    candidate: str | None = None,
 ) -> dict[str, Any]:
     """One rejected-row entry (a dict matching :data:`REJECTED_SCHEMA`)."""
     return {
         "row_id": row_id,
         "source": source,
         "source_row": source_row,
+        "candidate": candidate,
         "stage": stage,
         "reason": reason,
+        "code": code,
         "detail": detail,
         "value": value,
+        "kept_row_id": kept_row_id,
         "raw": raw,
     }
 
@@ -152,6 +180,14 @@ def records_table(records: Iterable[dict[str, Any]]) -> pa.Table:
 
 def rejected_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=REJECTED_SCHEMA)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: a column it lacks (a result stored by an older thresher, before
+    the column existed) reads as null."""
+    columns = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def messages_text(messages: Sequence[dict[str, str]]) -> str:

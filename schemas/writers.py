@@ -4,7 +4,8 @@ Layout of ``OUT/``::
 
     data/part-00000.parquet        row_id, group_id, messages, source, source_row, candidate, meta
     attributes/part-00000.parquet  row_id + every attribute column stages wrote (kept rows)
-    rejected/part-00000.parquet    row_id, source, source_row, stage, reason, detail, value, raw
+    rejected/part-00000.parquet    row_id, source, source_row, candidate, stage, reason, code, detail,
+                                   value, kept_row_id, raw (see schemas.records.REJECTION_FIELDS)
     manifest.json                  counts, config, versions, timings
     report.md                      the funnel, for people
 

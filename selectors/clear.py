@@ -22,10 +22,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field
 from thresher.generators.base import SamplingParams
 from thresher.schemas.model_config import ModelConfig
 from thresher.selectors.clear_confidence import bsdetector_confidence, split_row
+from thresher.selectors.nullable import nullable_floats
 from thresher.selectors.clear_prompts import REFLECTION_PROMPTS, check_template
 from thresher.selectors.clear_similarity import EmbeddingSimilarity, NLISimilarity
 
@@ -42,13 +43,12 @@ CLEAR_SCHEMA = pa.schema([
 ])
 
 
-class ClearParams(StageParams):
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name=DEFAULT_MODEL),
-                               description="the LLM whose samples and self-reflection give the confidence")
+class ClearParams(ModelStageParams):
+    model: ModelConfig = model_field(DEFAULT_MODEL, "the LLM whose samples and self-reflection give the confidence")
     nli_model: ModelConfig | None = Field(
         None, description="a local NLI cross-encoder folder (BSDetector's similarity); none: embeddings")
-    embedding_model: ModelConfig = Field(default_factory=lambda: ModelConfig(name=DEFAULT_EMBEDDER),
-                                         description="sentence embeddings for the similarity when no nli_model")
+    embedding_model: ModelConfig = model_field(
+        DEFAULT_EMBEDDER, "sentence embeddings for the similarity when no nli_model")
     k: int = Field(5, ge=1, description="sampled answers per prompt (BSDetector: 5)")
     temperature: float = Field(1.0, ge=0, description="sampling temperature (BSDetector: 1.0)")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -60,7 +60,6 @@ class ClearParams(StageParams):
                                           description="templates with {question} and {answer}")
     max_answer_tokens: int | None = Field(
         512, ge=1, description="self-reflection sees this many tokens of the answer (null: all)")
-    request_cache: bool = resource_knob(True, description="reuse model requests from the request cache")
 
     @field_validator("reflection_prompts")
     @classmethod
@@ -70,11 +69,11 @@ class ClearParams(StageParams):
         return [check_template(t, ("question", "answer")) for t in value]
 
 
-def make_similarity(p: ClearParams, load):
+def make_similarity(p: ClearParams):
     """BSDetector's NLI similarity when an NLI model is configured, else embedding cosine."""
     if p.nli_model is not None:
         return NLISimilarity(p.nli_model)
-    return EmbeddingSimilarity(load(p.embedding_model))
+    return EmbeddingSimilarity(p.load(p.embedding_model))
 
 
 class ClearStage(Stage):
@@ -87,10 +86,7 @@ class ClearStage(Stage):
     provides = tuple(CLEAR_SCHEMA.names[1:])
 
     def process(self, rows: pa.Table) -> StageOutput:
-        from thresher.generators.registry import load_model
-
         p: ClearParams = self.params
-        load = lambda cfg: load_model(cfg, cache=p.request_cache)  # noqa: E731
         row_ids = rows["row_id"].to_pylist()
         split = [split_row(m) for m in rows["messages"].to_pylist()]
         todo = [i for i, s in enumerate(split) if s is not None]
@@ -98,8 +94,8 @@ class ClearStage(Stage):
         cons, refl, conf = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
         model_id = similarity_id = None
         if todo:
-            backend = load(p.model)
-            similarity = make_similarity(p, load)
+            backend = p.load()
+            similarity = make_similarity(p)
             model_id, similarity_id = backend.identity, similarity.identity
             sampling = SamplingParams(n=p.k, temperature=p.temperature, top_p=p.top_p,
                                       max_tokens=p.max_tokens, seed=p.seed)
@@ -108,14 +104,12 @@ class ClearStage(Stage):
                 sampling, p.reflection_prompts, p.alpha, p.beta, p.max_answer_tokens)
             cons[todo], refl[todo], conf[todo] = result.consistency, result.reflection, result.confidence
 
-        def col(a: np.ndarray) -> pa.Array:
-            return pa.array([None if np.isnan(v) else float(v) for v in a], pa.float64())
-
         scored = np.zeros(n, dtype=bool)
         scored[todo] = True
         table = pa.table({
             "row_id": pa.array(row_ids, pa.string()),
-            "clear_consistency": col(cons), "clear_reflection": col(refl), "clear_confidence": col(conf),
+            "clear_consistency": nullable_floats(cons), "clear_reflection": nullable_floats(refl),
+            "clear_confidence": nullable_floats(conf),
             "clear_model": pa.array([model_id if s else None for s in scored], pa.string()),
             "clear_similarity": pa.array([similarity_id if s else None for s in scored], pa.string()),
         }, schema=CLEAR_SCHEMA)

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from thresher.generators.base import Message, ModelBackend, SamplingParams, restrict_logprobs
+from thresher.schemas.records import split_response
 from thresher.selectors.clear_prompts import (
     REFLECTION_LETTERS,
     REFLECTION_PREFILL,
@@ -42,10 +43,11 @@ def normalize_answer(text: str) -> str:
 
 
 def split_row(messages: Sequence[Message]) -> tuple[list[Message], str] | None:
-    """(prompt turns, final assistant response), or None when the row has no response to score."""
-    if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+    """(prompt turns, final assistant response), or None when the row has no response, or no prompt, to score."""
+    split = split_response(messages)
+    if split is None or not split[0]:
         return None
-    return [dict(m) for m in messages[:-1]], messages[-1]["content"]
+    return [dict(m) for m in split[0]], split[1]
 
 
 def question_text(prompt: Sequence[Message]) -> str:

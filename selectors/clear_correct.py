@@ -29,14 +29,15 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field
 from thresher.generators.base import ModelBackend, SamplingParams, restrict_logprobs
 from thresher.schemas.model_config import ModelConfig
-from thresher.schemas.records import MESSAGES_TYPE
+from thresher.schemas.records import MESSAGES_TYPE, split_response
 from thresher.selectors.clear import DEFAULT_MODEL
 from thresher.selectors.clear_confidence import question_text, split_row, truncate_tokens
-from thresher.selectors.clear_filter import confidences, gamma_of, histogram, resolve_gamma
+from thresher.selectors.clear_filter import confidences, gamma_of, resolve_gamma
 from thresher.selectors.clear_prompts import JUDGE_LETTERS, JUDGE_PREFILL, JUDGE_PROMPT, fill
+from thresher.selectors.nullable import nullable_floats
 
 
 def apply_corrections(rows: pa.Table) -> pa.Table:
@@ -56,7 +57,8 @@ def apply_corrections(rows: pa.Table) -> pa.Table:
     messages = rows["messages"].to_pylist()
     for i, (action, new) in enumerate(zip(actions, rows["clear_corrected_response"].to_pylist())):
         if action == "correct" and new is not None:
-            messages[i] = [*messages[i][:-1], {"role": "assistant", "content": new}]
+            history, _ = split_response(messages[i])  # a corrected row always ends with its response
+            messages[i] = [*history, {"role": "assistant", "content": new}]
     index = rows.column_names.index("messages")
     return rows.set_column(index, "messages", pa.array(messages, type=MESSAGES_TYPE))
 
@@ -84,17 +86,14 @@ def judge_new_better(
     return (probs[:, 0, 1] + probs[:, 1, 0]) / 2.0
 
 
-class ClearCorrectParams(StageParams):
-    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name=DEFAULT_MODEL),
-                               description="the judge (the base model in the paper)")
-    corrector: ModelConfig = Field(default_factory=lambda: ModelConfig(name=DEFAULT_MODEL),
-                                   description="writes new responses (the fine-tuned model in the paper)")
+class ClearCorrectParams(ModelStageParams):
+    model: ModelConfig = model_field(DEFAULT_MODEL, "the judge (the base model in the paper)")
+    corrector: ModelConfig = model_field(DEFAULT_MODEL, "writes new responses (the fine-tuned model in the paper)")
     gamma: float | Literal["median"] = Field("median", description="rows with confidence > gamma are kept as is")
     eta: float = Field(0.8, ge=0, le=1, description="replace when the judge's confidence exceeds eta")
     max_tokens: int = Field(256, ge=1, description="tokens of a new response")
     seed: int = 0
     max_answer_tokens: int | None = Field(512, ge=1, description="the judge sees this many tokens of each response")
-    request_cache: bool = resource_knob(True, description="reuse model requests from the request cache")
 
 
 class ClearCorrectStage(Stage):
@@ -109,8 +108,6 @@ class ClearCorrectStage(Stage):
                 "clear_correction_confidence", "clear_gamma", "clear_judge", "clear_corrector")
 
     def process(self, rows: pa.Table) -> StageOutput:
-        from thresher.generators.registry import load_model
-
         p: ClearCorrectParams = self.params
         conf = confidences(rows)
         gamma = resolve_gamma(conf, p.gamma)
@@ -124,8 +121,8 @@ class ClearCorrectStage(Stage):
         judged = np.full(n, np.nan)
         judge_id = corrector_id = None
         if low:
-            judge = load_model(p.model, cache=p.request_cache)
-            corrector = load_model(p.corrector, cache=p.request_cache)
+            judge = p.load()
+            corrector = p.load(p.corrector)
             judge_id, corrector_id = judge.identity, corrector.identity
             gens = corrector.chat([split[i][0] for i in low],
                                   SamplingParams(n=1, temperature=0.0, max_tokens=p.max_tokens, seed=p.seed))
@@ -151,7 +148,7 @@ class ClearCorrectStage(Stage):
             "clear_action": pa.array(action, pa.string()),
             "clear_corrected_response": pa.array(corrected, pa.string()),
             "clear_original_response": pa.array(original, pa.string()),
-            "clear_correction_confidence": pa.array([None if np.isnan(v) else float(v) for v in judged], pa.float64()),
+            "clear_correction_confidence": nullable_floats(judged),
             "clear_gamma": pa.array([gamma] * n, pa.float64()),
             "clear_judge": pa.array([judge_id if not np.isnan(v) else None for v in judged], pa.string()),
             "clear_corrector": pa.array([corrector_id if not np.isnan(v) else None for v in judged], pa.string()),

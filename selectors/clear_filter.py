@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import Stage, StageOutput, StageParams
+from thresher.selectors.nullable import floats
 
 BINS = np.round(np.linspace(0.0, 1.0, 11), 2)
 
@@ -32,7 +33,7 @@ def resolve_gamma(confidence: np.ndarray, gamma: float | str) -> float:
 def confidences(rows: pa.Table) -> np.ndarray:
     if "clear_confidence" not in rows.column_names:
         raise ValueError("clear_filter needs the clear_confidence attribute: put the 'clear' stage before it")
-    return np.array([np.nan if v is None else float(v) for v in rows["clear_confidence"].to_pylist()])
+    return floats(rows["clear_confidence"])
 
 
 def histogram(kept: pa.Table, rejected: pa.Table, reasons: tuple[str, ...]) -> list[dict]:

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
-from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, StageParams, model_field, resource_knob
 from thresher.schemas.model_config import ModelConfig
 from thresher.selectors.deita_report import (
     column_values,
@@ -60,11 +60,9 @@ DEFAULT_SCORER = "embedded:smollm2-135m-instruct"
 SCORE_EDGES = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0]
 
 
-class DeitaScorerParams(StageParams):
-    model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(name=DEFAULT_SCORER),
-        description="the scorer: hkust-nlp/deita-{complexity,quality}-scorer (local) or a stand-in",
-    )
+class DeitaScorerParams(ModelStageParams):
+    model: ModelConfig = model_field(
+        DEFAULT_SCORER, "the scorer: hkust-nlp/deita-{complexity,quality}-scorer (local) or a stand-in")
     max_tokens: int | None = Field(
         2048, ge=2,
         description="a prompt whose tokens + the score token exceed this (or the model's context) fails "
@@ -74,7 +72,6 @@ class DeitaScorerParams(StageParams):
         default_factory=lambda: list(SCORE_TOKENS),
         description="the score tokens, worth 1, 2, ... in order (deita: '1'..'6'); each must be one token",
     )
-    request_cache: bool = resource_knob(True, description="reuse scores from the on-disk request cache")
     chunk_size: int = resource_knob(64, ge=1, description="prompts per backend call")
 
     @field_validator("score_tokens")
@@ -112,13 +109,11 @@ class _DeitaScorerStage(Stage):
         """The scorer's raw prompt for one turn."""
 
     def process(self, rows: pa.Table) -> StageOutput:
-        from thresher.generators.registry import load_model
-
         p: DeitaScorerParams = self.params
         prefix = self.prefix()
         if not rows.num_rows:
             return StageOutput(attributes=_scorer_schema(prefix).empty_table())
-        backend = load_model(p.model, cache=p.request_cache)
+        backend = p.load()
         scorer = PromptScorer(backend, p.score_tokens, p.max_tokens, p.chunk_size)
         row_turns = [conversation_turns(m) for m in rows["messages"].to_pylist()]
         prompts = [self.prompt(q, a) for turns in row_turns for q, a in turns]

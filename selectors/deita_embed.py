@@ -30,8 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
-from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
 from thresher.schemas.model_config import ModelConfig
+from thresher.selectors.chunked import call_in_chunks
 
 DEFAULT_EMBEDDER = "embedded:all-minilm-l6-v2"
 #: ``vicuna_v1.1``'s system prompt (FastChat ``conversation.py``, copied by deita)
@@ -81,11 +82,9 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return (v / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-class DeitaEmbedParams(StageParams):
-    model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(name=DEFAULT_EMBEDDER),
-        description="a sentence-transformer, or a causal LM (deita: Mistral-7B; last-token hidden state)",
-    )
+class DeitaEmbedParams(ModelStageParams):
+    model: ModelConfig = model_field(
+        DEFAULT_EMBEDDER, "a sentence-transformer, or a causal LM (deita: Mistral-7B; last-token hidden state)")
     format: Literal["auto", "vicuna", "plain"] = Field(
         "auto", description="auto: vicuna for a causal LM, plain for a sentence-transformer",
     )
@@ -95,7 +94,6 @@ class DeitaEmbedParams(StageParams):
                     "sentence-transformers keep their own limit",
     )
     eos: str | None = Field(None, description="the vicuna end-of-turn string; default: the model's EOS")
-    request_cache: bool = resource_knob(True, description="reuse embeddings from the on-disk request cache")
     chunk_size: int = resource_knob(256, ge=1, description="texts per backend call")
 
 
@@ -134,30 +132,27 @@ class DeitaEmbedStage(Stage):
         return [vicuna_prompt(c, eos) for c in conversations]
 
     def process(self, rows: pa.Table) -> StageOutput:
-        from thresher.generators.registry import load_model
-
         p: DeitaEmbedParams = self.params
         if not rows.num_rows:
             return StageOutput(attributes=EMBED_SCHEMA.empty_table())
-        backend = load_model(self.model_config(), cache=p.request_cache)
+        backend = p.load(self.model_config())
         texts = self.texts(backend, rows["messages"].to_pylist())
         vectors: list[np.ndarray | None] = [None] * len(texts)
         failures: list[str | None] = [None] * len(texts)
-        for start in range(0, len(texts), p.chunk_size):
-            idx = list(range(start, min(start + p.chunk_size, len(texts))))
-            try:
-                got = backend.embed([texts[i] for i in idx])
-                pairs = list(zip(idx, got))
-            except Exception:  # noqa: BLE001 - isolate the texts that fail
-                pairs = [(i, self._embed_one(backend, texts[i], failures, i)) for i in idx]
-            for i, vec in pairs:
-                if vec is None:
-                    continue
-                vec = np.asarray(vec, dtype=np.float64)
-                if not np.isfinite(vec).all() or not np.any(vec):
-                    failures[i] = "zero_vector" if np.isfinite(vec).all() else "non_finite"
-                else:
-                    vectors[i] = l2_normalize(vec[None, :])[0]
+
+        def embed_chunk(chunk: list[str]) -> list[tuple[Any, str | None]]:
+            return [(vec, None) for vec in backend.embed(chunk)]
+
+        got = call_in_chunks(texts, embed_chunk, p.chunk_size, one=lambda text: self._embed_one(backend, text))
+        for i, (vec, failure) in enumerate(got):
+            if vec is None:
+                failures[i] = failure
+                continue
+            vec = np.asarray(vec, dtype=np.float64)
+            if not np.isfinite(vec).all() or not np.any(vec):
+                failures[i] = "zero_vector" if np.isfinite(vec).all() else "non_finite"
+            else:
+                vectors[i] = l2_normalize(vec[None, :])[0]
         table = pa.table({
             "row_id": rows["row_id"],
             "deita_embedding": pa.array([None if v is None else v.tolist() for v in vectors], pa.list_(pa.float32())),
@@ -167,12 +162,12 @@ class DeitaEmbedStage(Stage):
         return StageOutput(attributes=table)
 
     @staticmethod
-    def _embed_one(backend: Any, text: str, failures: list, i: int) -> np.ndarray | None:
+    def _embed_one(backend: Any, text: str) -> tuple[Any, str | None]:
+        """(one text's embedding, None), or (None, why it failed)."""
         try:
-            return backend.embed([text])[0]
+            return backend.embed([text])[0], None
         except Exception as exc:  # noqa: BLE001 - a counted failure, not a crash
-            failures[i] = f"backend_error: {type(exc).__name__}: {str(exc)[:300]}"
-            return None
+            return None, f"backend_error: {type(exc).__name__}: {str(exc)[:300]}"
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         if "deita_embedder" not in kept.column_names:

@@ -12,16 +12,19 @@ number of rows.
 Rejected rows, each with the number that decided it:
 
 - ``deita_too_similar``: ``value`` = the similarity to the accepted row that rules
-  it out, named in ``detail`` with its walk rank: the largest among the accepted
-  rows the filter compared it with (nearly always the overall largest; exactly
-  that with ``exact_similarity: true``). Always over ``tau``;
+  it out, that row in ``kept_row_id`` (its walk rank in ``detail``): the largest
+  among the accepted rows the filter compared it with (nearly always the overall
+  largest; exactly that with ``exact_similarity: true``). Always over ``tau``;
 - ``deita_below_budget``: the budget was filled before the walk reached the row;
   ``value`` = its score;
 - ``deita_score_failed`` (``on_failure: reject``, the default): a scorer could not
-  score the row (``deita_failure``: truncated, not_single_token, backend_error...);
-  ``detail`` = that reason. With ``on_failure: rank_last`` such rows are walked
-  after every scored row, in corpus order, and can fill a budget that the scored
-  rows leave open; they keep their null score and failure columns in the output.
+  score the row; ``code`` = its ``deita_failure`` (``complexity:truncated``,
+  ``quality:backend_error``...; ``null_score`` when the score is null and no scorer
+  said why), ``detail`` = the same with the scorer's words. With
+  ``on_failure: rank_last`` such rows are walked after every scored row, in corpus
+  order, and can fill a budget that the scored rows leave open; they keep their null
+  score and failure columns in the output, and if rejected (too similar, below
+  budget) carry that failure in ``code``.
 - ``deita_embedding_failed``: no usable embedding (the rule cannot compare it).
 
 Accepted rows get ``deita_rank`` (their walk position, 0 = best score) and
@@ -31,7 +34,6 @@ first). Changing ``tau`` or ``budget`` re-runs this stage only, never a model.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +43,7 @@ from pydantic import Field
 from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
 from thresher.selectors.deita_embed import l2_normalize
 from thresher.selectors.deita_report import column_values, count_codes, quantile_rows
+from thresher.selectors.nullable import float_or_none, floats
 from thresher.selectors.repr_filter import (
     ACCEPTED,
     BELOW_BUDGET,
@@ -52,7 +55,8 @@ REASON_TOO_SIMILAR = "deita_too_similar"
 REASON_BELOW_BUDGET = "deita_below_budget"
 REASON_SCORE_FAILED = "deita_score_failed"
 REASON_EMBEDDING_FAILED = "deita_embedding_failed"
-_RANKED_LAST = re.compile(r"score failed: (\S+)")
+#: ``code`` of a row whose score is null while no scorer said why
+NULL_SCORE = "null_score"
 
 
 class DeitaFilterParams(StageParams):
@@ -92,7 +96,7 @@ class DeitaFilterStage(Stage):
     """deita's Repr Filter with a budget (global: it sees the whole scored corpus)."""
 
     name = "deita_filter"
-    version = "1"
+    version = "2"  # 2: failure codes in code, the most similar accepted row in kept_row_id
     kind = "global"
     Params = DeitaFilterParams
     provides = ("deita_rank", "deita_max_similarity")
@@ -109,9 +113,8 @@ class DeitaFilterStage(Stage):
         self.check_columns(rows)
         n = rows.num_rows
         row_ids = rows["row_id"].to_pylist()
-        raw_scores = rows[p.order_by].to_pylist() if p.order_by else [0.0] * n
-        scores = np.array([np.nan if v is None else float(v) for v in raw_scores], dtype=np.float64)
-        failure = self._failures(rows)
+        scores = floats(rows[p.order_by]) if p.order_by else np.zeros(n)
+        code, failure = self._failures(rows)
         emb_failure = self._embedding_failures(rows)
 
         rejected: list[dict[str, Any]] = []
@@ -122,7 +125,8 @@ class DeitaFilterStage(Stage):
         unscored = usable & ~np.isfinite(scores)
         if p.on_failure == "reject":
             for i in np.flatnonzero(unscored):
-                rejected.append({"row_id": row_ids[i], "reason": REASON_SCORE_FAILED, "detail": failure[i]})
+                rejected.append({"row_id": row_ids[i], "reason": REASON_SCORE_FAILED, "code": code[i],
+                                 "detail": failure[i]})
         walk = np.flatnonzero(scored)
         walk = walk[np.argsort(-scores[walk], kind="stable")]
         if p.on_failure == "rank_last":
@@ -138,21 +142,22 @@ class DeitaFilterStage(Stage):
         for pos, row in enumerate(walk):
             status = result.status[pos]
             score_text = self._score_text(scores[row], failure[row])
+            ranked_last = code[row] if not np.isfinite(scores[row]) else None  # on_failure: rank_last
             if status == ACCEPTED:
                 kept_ids.append(row_ids[row])
                 ranks.append(pos)
-                s = result.max_similarity[pos]
-                sims.append(None if np.isnan(s) else float(s))
+                sims.append(float_or_none(result.max_similarity[pos]))
             elif status == TOO_SIMILAR:
                 near = walk[result.nearest[pos]]
                 rejected.append({
                     "row_id": row_ids[row], "reason": REASON_TOO_SIMILAR, "value": float(result.max_similarity[pos]),
+                    "kept_row_id": row_ids[near], "code": ranked_last,
                     "detail": f"cosine similarity {result.max_similarity[pos]:.4f} > tau {p.tau:g} to accepted row "
                               f"{row_ids[near]} (walk rank {result.nearest[pos]}); {score_text}",
                 })
             elif status == BELOW_BUDGET:
                 rejected.append({
-                    "row_id": row_ids[row], "reason": REASON_BELOW_BUDGET,
+                    "row_id": row_ids[row], "reason": REASON_BELOW_BUDGET, "code": ranked_last,
                     "value": float(scores[row]) if p.order_by and np.isfinite(scores[row]) else None,
                     "detail": f"the budget of {p.budget} rows was filled before walk rank {pos}; {score_text}",
                 })
@@ -169,12 +174,14 @@ class DeitaFilterStage(Stage):
             return "walked in corpus order"
         return f"{order_by} {score:.4f}" if np.isfinite(score) else f"score failed: {failure}"
 
-    def _failures(self, rows: pa.Table) -> list[str]:
-        """Why each row has no score: ``<scorer>:<reason>: <detail>`` when the scorers said."""
+    def _failures(self, rows: pa.Table) -> tuple[list[str], list[str]]:
+        """Why each row would have no score: its failure code (``<scorer>:<reason>``, else
+        :data:`NULL_SCORE`) and the same in words (``<code>: <the scorer's detail>``)."""
         p: DeitaFilterParams = self.params
         codes = column_values(rows, "deita_failure") or [None] * rows.num_rows
         details = column_values(rows, "deita_failure_detail") or [None] * rows.num_rows
-        return [(f"{c}: {d}" if d else c) if c else f"{p.order_by} is null" for c, d in zip(codes, details)]
+        texts = [(f"{c}: {d}" if d else c) if c else f"{p.order_by} is null" for c, d in zip(codes, details)]
+        return [c or NULL_SCORE for c in codes], texts
 
     def _embedding_failures(self, rows: pa.Table) -> list[str | None]:
         p: DeitaFilterParams = self.params
@@ -193,13 +200,9 @@ class DeitaFilterStage(Stage):
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         p: DeitaFilterParams = self.params
         reasons = rejected["reason"].to_pylist()
-        details = rejected["detail"].to_pylist()
         values = rejected["value"].to_pylist()
-        failures = count_codes(d.split(": ", 1)[0] for r, d in zip(reasons, details) if r == REASON_SCORE_FAILED)
-        for r, d in zip(reasons, details):
-            match = _RANKED_LAST.search(d or "") if r != REASON_SCORE_FAILED else None
-            if match:
-                failures[match.group(1).rstrip(":")] = failures.get(match.group(1).rstrip(":"), 0) + 1
+        walked = (REASON_SCORE_FAILED, REASON_TOO_SIMILAR, REASON_BELOW_BUDGET)
+        failures = count_codes(c for r, c in zip(reasons, rejected["code"].to_pylist()) if r in walked)
         for code in column_values(kept, "deita_failure"):
             if code:
                 failures[code] = failures.get(code, 0) + 1

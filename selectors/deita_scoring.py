@@ -37,6 +37,7 @@ from thresher.generators.base import (
     NotSingleTokenError,
     restrict_logprobs,
 )
+from thresher.selectors.chunked import call_in_chunks
 
 #: the reference complexity prompt, verbatim (``Llama_Scorer.complexity_template``)
 COMPLEXITY_TEMPLATE = (
@@ -168,17 +169,17 @@ class PromptScorer:
                                                              f"that is over the scorer's {self.cap}-token limit")
                 else:
                     sendable.append(prompt)
-        for start in range(0, len(sendable), self.chunk_size):
-            chunk = sendable[start:start + self.chunk_size]
-            try:
-                found.update(zip(chunk, self._outcomes(self.backend.next_token_logprobs(chunk, self.tokens))))
-            except NotSingleTokenError as exc:
-                failed = Outcome(None, NOT_SINGLE_TOKEN, str(exc))
-                found.update((p, failed) for p in sendable[start:])
-                break
-            except Exception:  # noqa: BLE001 - isolate the prompts that fail, then name the error
-                for prompt in chunk:
-                    found[prompt] = self._score_one(prompt)
+        not_single: list[Outcome] = []  # a score token that is not one token fails every prompt after it
+
+        def score_chunk(chunk: list[str]) -> list[Outcome]:
+            if not not_single:
+                try:
+                    return self._outcomes(self.backend.next_token_logprobs(chunk, self.tokens))
+                except NotSingleTokenError as exc:
+                    not_single.append(Outcome(None, NOT_SINGLE_TOKEN, str(exc)))
+            return not_single * len(chunk)
+
+        found.update(zip(sendable, call_in_chunks(sendable, score_chunk, self.chunk_size, one=self._score_one)))
         return [found[p] for p in prompts]
 
     def _score_one(self, prompt: str) -> Outcome:

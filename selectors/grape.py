@@ -40,23 +40,21 @@ corpus order) decides between them, whatever the batching.
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from thresher.flows.stage import Stage, StageOutput, StageParams, resource_knob
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
 from thresher.generators.base import ContinuationScore
 from thresher.schemas.model_config import ModelConfig
+from thresher.schemas.records import split_response
+from thresher.selectors.chunked import call_in_chunks
 from thresher.selectors.grape_prompt import (
     DEFAULT_SYSTEM_FORMAT, DEFAULT_TURN_SEPARATOR, check_template_param, check_text_template, resolve_format,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "embedded:gemma-3-270m"
 REASON_NO_RESPONSE = "grape_no_response"
@@ -73,11 +71,8 @@ GRAPE_SCHEMA = pa.schema([
 ])
 
 
-class GrapeParams(StageParams):
-    model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(name=DEFAULT_TARGET),
-        description="the target: the base model you are about to fine-tune",
-    )
+class GrapeParams(ModelStageParams):
+    model: ModelConfig = model_field(DEFAULT_TARGET, "the target: the base model you are about to fine-tune")
     template: str = Field(
         "auto", description="prompt format: auto | chat | plain | a template string with {instruction}")
     turn_separator: str = Field(
@@ -86,10 +81,7 @@ class GrapeParams(StageParams):
         DEFAULT_SYSTEM_FORMAT, description="plain/user templates: how a system turn is written ({system})")
     max_tokens: int | None = Field(
         2048, ge=2, description="cap on prompt + response tokens (match SFT's max length); null: the model's context")
-    request_cache: bool = resource_knob(True, description="reuse scores from the on-disk request cache")
-    request_cache_path: str | None = resource_knob(
-        None, description="request cache file (default $THRESHER_CACHE_DIR/requests.sqlite)")
-    chunk_rows: int = resource_knob(
+    chunk_size: int = resource_knob(
         256, ge=1, description="candidates per backend call (the request cache is written after each)")
 
     @field_validator("template")
@@ -104,24 +96,18 @@ class GrapeParams(StageParams):
 
 
 def score_pairs(
-    backend: Any, prompts: Sequence[str], responses: Sequence[str], max_tokens: int | None, chunk_rows: int,
+    backend: Any, prompts: Sequence[str], responses: Sequence[str], max_tokens: int | None, chunk_size: int,
 ) -> list[ContinuationScore]:
     """``backend.continuation_logprobs`` over all pairs: identical pairs once, longest first, in chunks."""
-    unique: dict[tuple[str, str], int] = {}
-    for pair in zip(prompts, responses):
-        unique.setdefault(pair, len(unique))
-    pairs = list(unique)
-    order = sorted(range(len(pairs)), key=lambda i: (-(len(pairs[i][0]) + len(pairs[i][1])), i))
-    scores: list[ContinuationScore | None] = [None] * len(pairs)
-    started = time.perf_counter()
-    for a in range(0, len(order), chunk_rows):
-        part = order[a:a + chunk_rows]
-        got = backend.continuation_logprobs([pairs[i][0] for i in part], [pairs[i][1] for i in part], max_tokens)
-        for i, s in zip(part, got):
-            scores[i] = s
-        log.info("grape: scored %d/%d candidates in %.1f s", min(a + chunk_rows, len(order)), len(order),
-                 time.perf_counter() - started)
-    return [scores[unique[pair]] for pair in zip(prompts, responses)]
+    pairs = list(dict.fromkeys(zip(prompts, responses)))
+    longest_first = sorted(pairs, key=lambda pair: -(len(pair[0]) + len(pair[1])))  # stable: ties in order
+
+    def score(chunk: list[tuple[str, str]]) -> list[ContinuationScore]:
+        return backend.continuation_logprobs([q for q, _ in chunk], [a for _, a in chunk], max_tokens)
+
+    scores = dict(zip(longest_first, call_in_chunks(longest_first, score, chunk_size,
+                                                    progress="grape: scored candidates")))
+    return [scores[pair] for pair in zip(prompts, responses)]
 
 
 def _finite(x: float) -> float | None:
@@ -138,28 +124,28 @@ class GrapeStage(Stage):
     provides = tuple(GRAPE_SCHEMA.names[1:])
 
     def process(self, rows: pa.Table) -> StageOutput:
-        from thresher.generators.registry import load_model  # torch only where a model runs
-
         p: GrapeParams = self.params
-        backend = load_model(p.model, cache=p.request_cache, cache_path=p.request_cache_path)
+        backend = p.load()
         fmt = resolve_format(p.template, backend, p.turn_separator, p.system_format)
         row_ids = rows["row_id"].to_pylist()
         kept, prompts, responses, rejected = [], [], [], []
         for rid, messages in zip(row_ids, rows["messages"].to_pylist()):
-            if not messages or messages[-1]["role"] != "assistant":
+            split = split_response(messages)
+            if split is None:
                 rejected.append({"row_id": rid, "reason": REASON_NO_RESPONSE,
                                  "detail": "the conversation does not end with an assistant turn to score"})
                 continue
+            history, response = split
             try:
-                prompt = fmt.render(messages[:-1])
+                prompt = fmt.render(history)
             except Exception as err:  # a chat template raising on this history (jinja errors vary)
                 rejected.append({"row_id": rid, "reason": REASON_PROMPT_ERROR,
                                  "detail": f"the prompt format {fmt.label!r} cannot render this history: {err}"})
                 continue
             kept.append(rid)
             prompts.append(prompt)
-            responses.append(messages[-1]["content"])
-        scores = score_pairs(backend, prompts, responses, p.max_tokens, p.chunk_rows)
+            responses.append(response)
+        scores = score_pairs(backend, prompts, responses, p.max_tokens, p.chunk_size)
         table = pa.table({
             "row_id": pa.array(kept, pa.string()),
             "grape_logprob_mean": pa.array([_finite(s.mean) for s in scores], pa.float64()),

@@ -15,23 +15,21 @@ In order:
    is rejected with reason ``grape_incorrect``; a missing (null) value counts as
    not known to be wrong and is kept. An instruction whose candidates are all
    incorrect keeps none.
-2. Argmax per group: the highest ``grape_logprob_mean``; ties go to the first row
-   in corpus order (input files sorted by path, rows in file order). The others
-   are rejected with reason ``grape_not_best``, their score in ``value`` and a
-   detail naming the winning row and its score. A row with no score (no response
-   token fitted in ``max_tokens``) never beats a scored one; a group in which no
-   row has a score keeps none (reason ``grape_unscored``).
+2. Argmax per group (:mod:`thresher.selectors.group_argmax`): the highest
+   ``grape_logprob_mean``; ties go to the first row in corpus order (input files
+   sorted by path, rows in file order). The others are rejected with reason
+   ``grape_not_best``, their score in ``value`` and the winning row in
+   ``kept_row_id``. A row with no score (no response token fitted in
+   ``max_tokens``) never beats a scored one; a group in which no row has a score
+   keeps none (reason ``grape_unscored``).
 
-Every detail starts with the row's model label as a Python string literal
-(the ``candidate`` name, else its ``source``), which :meth:`GrapeSelectStage.summarize`
-reads back to report wins and score distributions per model.
+:meth:`GrapeSelectStage.summarize` reports wins and score distributions per model:
+a row's model is its ``candidate`` name, else its ``source`` (:func:`model_label`).
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import Stage, StageOutput, StageParams
+from thresher.selectors.group_argmax import group_argmax
+from thresher.selectors.nullable import float_or_none, floats
 
 SCORE = "grape_logprob_mean"
 REASON_NOT_BEST = "grape_not_best"
@@ -46,7 +46,6 @@ REASON_INCORRECT = "grape_incorrect"
 REASON_UNSCORED = "grape_unscored"
 TRUE_WORDS = {"true", "yes", "y", "1", "correct", "pass", "passed", "right"}
 FALSE_WORDS = {"false", "no", "n", "0", "incorrect", "fail", "failed", "wrong"}
-_LEADING_LITERAL = re.compile(r"""^('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
 
 class GrapeSelectParams(StageParams):
@@ -60,16 +59,10 @@ def model_label(candidate: str | None, source: str) -> str:
     return candidate if candidate else source
 
 
-def label_of_detail(detail: str) -> str | None:
-    """The model label a ``grape_select`` detail starts with (see the module docstring)."""
-    match = _LEADING_LITERAL.match(detail or "")
-    if not match:
-        return None
-    try:
-        value = ast.literal_eval(match.group(1))
-    except (ValueError, SyntaxError):
-        return None
-    return value if isinstance(value, str) else None
+def model_labels(rows: pa.Table) -> list[str]:
+    """:func:`model_label` of every row, from its canonical ``candidate`` and ``source`` columns."""
+    candidates = rows["candidate"].to_pylist() if "candidate" in rows.column_names else [None] * rows.num_rows
+    return [model_label(c, s) for c, s in zip(candidates, rows["source"].to_pylist())]
 
 
 def parse_correct(value: Any, column: str, row_id: str) -> bool | None:
@@ -109,7 +102,7 @@ class GrapeSelectStage(Stage):
     """The argmax of ``grape_logprob_mean`` per instruction (see the module docstring)."""
 
     name = "grape_select"
-    version = "1"
+    version = "2"  # 2: grape_not_best names the winning row in kept_row_id
     kind = "global"
     Params = GrapeSelectParams
     requires = (SCORE,)
@@ -118,13 +111,8 @@ class GrapeSelectStage(Stage):
         p: GrapeSelectParams = self.params
         row_ids = rows["row_id"].to_pylist()
         groups = rows["group_id"].to_pylist()
-        candidates = rows["candidate"].to_pylist() if "candidate" in rows.column_names else [None] * len(row_ids)
-        labels = [model_label(c, s) for c, s in zip(candidates, rows["source"].to_pylist())]
-        scores = np.array([np.nan if v is None else float(v) for v in rows[SCORE].to_pylist()], dtype=np.float64)
-
-        def value(i: int) -> float | None:
-            return None if np.isnan(scores[i]) else float(scores[i])
-
+        labels = model_labels(rows)
+        scores = floats(rows[SCORE])
         rejected: list[dict[str, Any]] = []
         alive = np.ones(len(row_ids), dtype=bool)
 
@@ -133,32 +121,29 @@ class GrapeSelectStage(Stage):
             for i, v in enumerate(raw):
                 if parse_correct(v, p.correct_column, row_ids[i]) is False:
                     alive[i] = False
-                    rejected.append({"row_id": row_ids[i], "reason": REASON_INCORRECT, "value": value(i),
-                                     "detail": f"{labels[i]!r}: {p.correct_column} = {v!r} (correctness pre-filter)"})
+                    rejected.append({
+                        "row_id": row_ids[i], "reason": REASON_INCORRECT, "value": float_or_none(scores[i]),
+                        "detail": f"{labels[i]!r}: {p.correct_column} = {v!r} (correctness pre-filter)"})
 
-        members: dict[str, list[int]] = {}
-        for i in np.flatnonzero(alive):  # table order is corpus order
-            members.setdefault(groups[i], []).append(int(i))
-        for group in members.values():
-            scored = [i for i in group if not np.isnan(scores[i])]
-            if not scored:
-                for i in group:
+        argmax = group_argmax(scores, groups, np.flatnonzero(alive))  # table order is corpus order
+        for group, members in argmax.members.items():
+            best = argmax.best[group]
+            if best is None:
+                for i in members:
                     rejected.append({"row_id": row_ids[i], "reason": REASON_UNSCORED, "value": None, "detail": (
                         f"{labels[i]!r}: no candidate of this instruction has a score "
                         "(no response token fitted in the grape stage's max_tokens)")})
                 continue
-            best = scored[0]
-            for i in scored[1:]:
-                if scores[i] > scores[best]:
-                    best = i
-            for i in group:
+            for i in members:
                 if i == best:
                     continue
                 relation = "ties with" if scores[i] == scores[best] else "<"
                 tie = " (a tie: the first in corpus order wins)" if relation == "ties with" else ""
-                rejected.append({"row_id": row_ids[i], "reason": REASON_NOT_BEST, "value": value(i), "detail": (
-                    f"{labels[i]!r}: {SCORE} {_fmt(scores[i])} {relation} {_fmt(scores[best])} "
-                    f"of the winning row {row_ids[best]} ({labels[best]!r}){tie}")})
+                rejected.append({
+                    "row_id": row_ids[i], "reason": REASON_NOT_BEST, "value": float_or_none(scores[i]),
+                    "kept_row_id": row_ids[best], "detail": (
+                        f"{labels[i]!r}: {SCORE} {_fmt(scores[i])} {relation} {_fmt(scores[best])} "
+                        f"of the winning row {row_ids[best]} ({labels[best]!r}){tie}")})
         return StageOutput(rejected=rejected)
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
@@ -174,21 +159,14 @@ class GrapeSelectStage(Stage):
         def entry(label: str, source: str) -> dict[str, Any]:
             return per.setdefault((label, source), {"rows": 0, "wins": 0, "scores": []})
 
-        cands = kept["candidate"].to_pylist() if "candidate" in kept.column_names else [None] * kept.num_rows
-        for cand, source, score in zip(cands, kept["source"].to_pylist(), kept[SCORE].to_pylist()):
-            e = entry(model_label(cand, source), source)
-            e["rows"] += 1
-            e["wins"] += 1
-            if score is not None and np.isfinite(score):
-                e["scores"].append(score)
-        own_cands = rejected["candidate"].to_pylist() if "candidate" in rejected.column_names else None
-        for k, (source, detail, score) in enumerate(zip(
-                rejected["source"].to_pylist(), rejected["detail"].to_pylist(), rejected["value"].to_pylist())):
-            label = model_label(own_cands[k], source) if own_cands else (label_of_detail(detail) or source)
-            e = entry(label, source)
-            e["rows"] += 1
-            if score is not None and np.isfinite(score):
-                e["scores"].append(score)
+        for table, score_column, won in ((kept, SCORE, True), (rejected, "value", False)):
+            for label, source, score in zip(model_labels(table), table["source"].to_pylist(),
+                                            table[score_column].to_pylist()):
+                e = entry(label, source)
+                e["rows"] += 1
+                e["wins"] += won
+                if score is not None and np.isfinite(score):
+                    e["scores"].append(score)
         n_groups = kept.num_rows
         table = []
         for (label, source), e in sorted(per.items(), key=lambda kv: (-kv[1]["wins"], kv[0])):

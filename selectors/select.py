@@ -5,7 +5,8 @@ Applied in this order, each step's rejections with their own reason:
 1. ``where`` — conditions such as ``"deita_quality >= 3.5"`` or ``"candidate != NullModel"``,
    all of which a row must meet (reason ``select_where``);
 2. ``argmax_per_group`` — keep the row with the highest value of a column in each
-   ``group_id`` (ties: the first in corpus order; reason ``select_not_best``);
+   ``group_id`` (ties: the first in corpus order; reason ``select_not_best``, with the
+   group's best row in ``kept_row_id``);
 3. ``order_by`` + ``budget`` — keep the ``budget`` rows with the highest (or, with
    ``ascending``, lowest) value; ties in corpus order (reason ``select_over_budget``).
 
@@ -23,6 +24,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from thresher.flows.stage import Stage, StageOutput, StageParams
+from thresher.selectors.group_argmax import group_argmax
+from thresher.selectors.nullable import float_or_none, floats
 
 _CONDITION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
 _OPS = {
@@ -68,14 +71,14 @@ def _column(rows: pa.Table, name: str, why: str) -> np.ndarray:
 
 def _numeric(values: np.ndarray, name: str) -> np.ndarray:
     try:
-        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        return floats(values)
     except (TypeError, ValueError) as err:
         raise ValueError(f"select: column '{name}' is not numeric ({err})") from None
 
 
 class SelectStage(Stage):
     name = "select"
-    version = "1"
+    version = "2"  # 2: select_not_best names the group's best row in kept_row_id
     kind = "global"
     Params = SelectParams
 
@@ -85,10 +88,11 @@ class SelectStage(Stage):
         alive = np.ones(len(row_ids), dtype=bool)
         rejected: list[dict] = []
 
-        def drop(mask: np.ndarray, reason: str, detail_of, values=None) -> None:
+        def drop(mask: np.ndarray, reason: str, detail_of, values=None, kept_of=None) -> None:
             for i in np.flatnonzero(mask & alive):
-                value = None if values is None or np.isnan(values[i]) else float(values[i])
-                rejected.append({"row_id": row_ids[i], "reason": reason, "detail": detail_of(i), "value": value})
+                rejected.append({"row_id": row_ids[i], "reason": reason, "detail": detail_of(i),
+                                 "value": None if values is None else float_or_none(values[i]),
+                                 "kept_row_id": None if kept_of is None else kept_of(i)})
             alive[mask] = False
 
         for condition in p.where:
@@ -105,16 +109,14 @@ class SelectStage(Stage):
         if p.argmax_per_group:
             values = _numeric(_column(rows, p.argmax_per_group, "argmax_per_group"), p.argmax_per_group)
             groups = rows["group_id"].to_pylist()
-            best: dict[str, int] = {}
-            for i in np.flatnonzero(alive):
-                j = best.get(groups[i])
-                if j is None or (values[i] > values[j]) or (np.isnan(values[j]) and not np.isnan(values[i])):
-                    best[groups[i]] = i
+            argmax = group_argmax(values, groups, np.flatnonzero(alive))
+            # a group where no row has a value keeps its first row
+            best = {g: i if i is not None else argmax.members[g][0] for g, i in argmax.best.items()}
             winners = np.zeros(len(row_ids), dtype=bool)
             winners[list(best.values())] = True
             drop(~winners, "select_not_best",
                  lambda i: f"{p.argmax_per_group} = {values[i]:.6g} < {values[best[groups[i]]]:.6g} of row {row_ids[best[groups[i]]]}",
-                 values)
+                 values, kept_of=lambda i: row_ids[best[groups[i]]])
 
         if p.budget is not None:
             if p.order_by:

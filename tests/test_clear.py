@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from thresher.generators.base import SamplingParams
-from thresher.schemas.config import ConfigError, parse_config
+from thresher.flows.registry import parse_config
+from thresher.schemas.config import ConfigError
 from thresher.schemas.records import make_record, records_table
 from thresher.selectors.clear import ClearParams, ClearStage
 from thresher.selectors.clear_confidence import (

@@ -1,8 +1,11 @@
 """Config: YAML into pydantic models; every mistake is named before any work starts."""
 
+import ast
+
 import pytest
 
-from thresher.schemas.config import ConfigError, load_config, parse_config
+from thresher.flows.registry import build_stage, load_config, parse_config
+from thresher.schemas.config import ConfigError
 
 
 def _write(tmp_path, text):
@@ -39,6 +42,14 @@ def test_stage_mistakes_are_named(tmp_path):
         load_config(_write(tmp_path, "stages: [{stage: select, where: ['score is big']}]\n"))
 
 
+def test_a_renamed_key_names_the_new_one(tmp_path):
+    renamed = r"stages\[0\] \(grape\)\.chunk_rows: unknown key \(renamed: use 'chunk_size'\)"
+    with pytest.raises(ConfigError, match=renamed):
+        load_config(_write(tmp_path, "stages: [{stage: grape, chunk_rows: 64}]\n"))
+    config = load_config(_write(tmp_path, "stages: [{stage: grape, chunk_size: 64}]\n"))
+    assert config.stages[0].params.chunk_size == 64
+
+
 def test_not_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "inputs: [a.json\n"))
@@ -50,6 +61,37 @@ def test_resource_knobs_stay_out_of_stage_identity():
     a = parse_config({"stages": [{"stage": "select", "budget": 5, "resources": {"GPU": 1}, "retries": 0}]})
     b = parse_config({"stages": [{"stage": "select", "budget": 5}]})
     c = parse_config({"stages": [{"stage": "select", "budget": 6}]})
-    identity = lambda cfg: cfg.stages[0].build().identity()  # noqa: E731
+    identity = lambda cfg: build_stage(cfg.stages[0]).identity()  # noqa: E731
     assert identity(a) == identity(b)
     assert identity(a) != identity(c)
+
+
+def test_model_stage_params_share_one_base_and_keep_their_cache_keys():
+    from thresher.flows.registry import STAGES, stage_class
+    from thresher.flows.stage import ModelStageParams
+
+    with_models = sorted(n for n in STAGES if issubclass(stage_class(n).Params, ModelStageParams))
+    assert with_models == ["clear", "clear_correct", "deita_complexity", "deita_embed", "deita_quality", "grape"]
+    for name in with_models:
+        a = parse_config({"stages": [{"stage": name, "request_cache": False, "request_cache_path": "/tmp/x.sqlite"}]})
+        b = parse_config({"stages": [{"stage": name}]})
+        assert build_stage(a.stages[0]).identity() == build_stage(b.stages[0]).identity()
+        assert "request_cache" not in build_stage(b.stages[0]).identity()["params"]
+        assert "model" in build_stage(b.stages[0]).identity()["params"]
+
+
+def _imported_modules(path):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.module or ""
+
+
+def test_schemas_never_import_flows(repo_root):
+    """The dependency goes one way: flows use schemas, never the other way (not even inside a function)."""
+    modules = sorted((repo_root / "schemas").glob("*.py"))
+    assert modules
+    offenders = {p.name: m for p in modules for m in _imported_modules(p)
+                 if m == "thresher.flows" or m.startswith("thresher.flows.")}
+    assert offenders == {}

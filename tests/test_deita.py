@@ -193,8 +193,8 @@ def test_too_long_rows_fail_as_truncated_and_are_counted(shared_data):
     # default policy: rejected with its reason, counted by the filter's summary
     f = DeitaFilterStage(DeitaFilterParams(tau=0.99))
     result = f.process(out)
-    assert [(r["reason"], r["detail"].split(": ")[0]) for r in result.rejected] == \
-        [("deita_score_failed", "complexity:truncated")]
+    assert [(r["reason"], r["code"]) for r in result.rejected] == [("deita_score_failed", "complexity:truncated")]
+    assert result.rejected[0]["detail"].startswith("complexity:truncated: turn 1 of 1")
     summary = f.summarize(out.filter(pa.array([True, True, True, False])),
                           result.rejected_table())
     assert summary["scoring failures, by reason (every row that reached the filter)"] == {"complexity:truncated": 1}
@@ -295,7 +295,8 @@ def test_filter_stage_equals_the_plain_rule_and_explains_rejections():
                 if s == "too_similar":
                     r = reasons[ids[i]]
                     assert r["reason"] == "deita_too_similar" and r["value"] > tau
-                    near = ids.index(r["detail"].split("accepted row ")[1].split(" ")[0])
+                    near = ids.index(r["kept_row_id"])
+                    assert want[near] == "accepted"
                     assert float(emb[i].astype(float) @ emb[near].astype(float)) == pytest.approx(r["value"])
                     if exact:
                         others = [j for j, t in want.items() if t == "accepted" and
@@ -323,6 +324,49 @@ def test_filter_without_a_score_walks_in_corpus_order():
     assert all(r["value"] is None and "corpus order" in r["detail"] for r in below)
     with pytest.raises(ValueError, match="deita_embedding"):
         stage.process(rows.drop(["deita_embedding"]))
+
+
+def test_failure_codes_are_typed_and_counted_without_reading_detail():
+    """Failed scores carry their scorer code in ``code`` (rejected, or walked last and then rejected);
+    the filter's summary counts them from that column alone."""
+    rng = np.random.default_rng(3)
+    n = 8
+    emb = _unit(rng, n, 4)
+    emb[7] = emb[6]  # row 7 repeats row 6: too similar once row 6 is kept
+    rows = _rows([[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(n)])
+    scores = [5.0, 4.0, 3.0, 2.0, 1.0, None, None, None]
+    failures = [None] * 5 + ["quality:backend_error", None, "complexity:truncated"]
+    details = [None] * 5 + ["turn 1 of 1: boom", None, "turn 1 of 1: too long"]
+    rows = rows.append_column("deita_score", pa.array(scores, pa.float64()))
+    rows = rows.append_column("deita_failure", pa.array(failures, pa.string()))
+    rows = rows.append_column("deita_failure_detail", pa.array(details, pa.string()))
+    rows = rows.append_column("deita_embedding", pa.array(emb.tolist(), pa.list_(pa.float32())))
+    ids = rows["row_id"].to_pylist()
+
+    def blank(table: pa.Table) -> pa.Table:
+        return table.set_column(table.column_names.index("detail"), "detail", pa.array([""] * table.num_rows))
+
+    stage = DeitaFilterStage(DeitaFilterParams(tau=0.999))
+    out = stage.process(rows)
+    assert {r["row_id"]: r["code"] for r in out.rejected} == {
+        ids[5]: "quality:backend_error", ids[6]: "null_score", ids[7]: "complexity:truncated"}
+    assert "deita_score is null" in next(r["detail"] for r in out.rejected if r["row_id"] == ids[6])
+    summary = stage.summarize(rows.take([0, 1, 2, 3, 4]), blank(out.rejected_table()))
+    assert summary["scoring failures, by reason (every row that reached the filter)"] == {
+        "quality:backend_error": 1, "null_score": 1, "complexity:truncated": 1}
+
+    last = DeitaFilterStage(DeitaFilterParams(tau=0.999, budget=7, on_failure="rank_last"))
+    out = last.process(rows)
+    by_id = {r["row_id"]: r for r in out.rejected}
+    assert by_id[ids[7]]["reason"] == "deita_below_budget" and by_id[ids[7]]["code"] == "complexity:truncated"
+    out = DeitaFilterStage(DeitaFilterParams(tau=0.999, on_failure="rank_last")).process(rows)
+    (too_similar,) = out.rejected
+    assert too_similar["row_id"] == ids[7] and too_similar["kept_row_id"] == ids[6]
+    assert too_similar["code"] == "complexity:truncated" and too_similar["value"] == pytest.approx(1.0)
+    kept = _join_attributes(rows, out.attributes).filter(pa.array([i != 7 for i in range(n)]))
+    summary = last.summarize(kept, blank(out.rejected_table()))
+    assert summary["scoring failures, by reason (every row that reached the filter)"] == {
+        "complexity:truncated": 1, "quality:backend_error": 1}
 
 
 def test_a_similarity_equal_to_tau_is_accepted():
@@ -364,7 +408,7 @@ def test_blocked_filter_equals_the_plain_rule_on_real_embeddings(shared_data):
 @pytest.mark.slow
 def test_deita_pipeline_writes_the_budgeted_selection_with_attributes_and_report(tmp_path, shared_data):
     from thresher.flows.curate import execute
-    from thresher.schemas.config import parse_config
+    from thresher.flows.registry import parse_config
 
     code = json.loads((shared_data / "codealpaca/code_alpaca_2k.json").read_text())[:6]
     chats = json.loads((shared_data / "sharegpt/dummy_conversation.json").read_text())[:4]
@@ -403,4 +447,6 @@ def test_deita_pipeline_writes_the_budgeted_selection_with_attributes_and_report
     assert "### deita_filter" in report and "deita_complexity statistics" in report
     rejected = pq.read_table(out / "rejected").to_pylist()
     failed = [r for r in rejected if r["reason"] == "deita_score_failed"]
+    assert failed[0]["code"] == "complexity:truncated"
     assert failed[0]["detail"].startswith("complexity:truncated: turn 1 of 1: the prompt is")
+    assert all(r["kept_row_id"] for r in rejected if r["reason"] == "deita_too_similar")

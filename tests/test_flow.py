@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from thresher.flows.curate import execute
-from thresher.schemas.config import parse_config
+from thresher.flows.registry import parse_config
 
 
 def _config(tmp_path: Path, inputs: list, name: str = "t", workers: int = 1, shard_rows: int = 200, stages=None):

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from thresher.flows.curate import apply_overrides, execute
-from thresher.schemas.config import ConfigError, load_config, parse_config
+from thresher.flows.registry import load_config, parse_config
+from thresher.schemas.config import ConfigError
 from thresher.schemas.records import make_record, records_table
 from thresher.selectors.grape_prompt import PLAIN_TEMPLATE, render_text
-from thresher.selectors.grape_select import GrapeSelectParams, GrapeSelectStage, label_of_detail
+from thresher.selectors.grape_select import GrapeSelectParams, GrapeSelectStage
 
 TARGET = "embedded:gemma-3-270m"
 N_GROUPS = 15
@@ -188,9 +189,31 @@ def test_select_argmax_ties_unscored_and_correctness():
     assert {by_id[ids[i]]["reason"] for i in (0, 2, 3)} == {"grape_not_best"}
     assert {by_id[ids[i]]["reason"] for i in (5, 6)} == {"grape_unscored"}
     assert by_id[ids[0]]["value"] == -2.0 and by_id[ids[3]]["value"] is None
+    assert by_id[ids[0]]["kept_row_id"] == by_id[ids[2]]["kept_row_id"] == ids[1]
+    assert by_id[ids[3]]["kept_row_id"] == ids[4]
+    assert by_id[ids[5]].get("kept_row_id") is None and by_id[ids[6]].get("kept_row_id") is None
     assert ids[1] in by_id[ids[0]]["detail"] and "-1.000000" in by_id[ids[0]]["detail"]
     assert "tie" in by_id[ids[2]]["detail"]
-    assert label_of_detail(by_id[ids[2]]["detail"]) == "m3"
+
+
+def test_select_summary_reads_models_from_canonical_columns_not_detail():
+    rows = _table([
+        ("q1", "a", "m1", -2.0, {}),
+        ("q1", "b", "m2", -1.0, {}),
+        ("q2", "c", "m1", -0.5, {}),
+        ("q2", "d", "m2", -3.0, {}),
+        ("q2", "e", None, -4.0, {}),   # no candidate name: the model is its source
+    ])
+    stage = GrapeSelectStage()
+    out = stage.process(rows).rejected_table()
+    lost = rows.take(pa.array([rows["row_id"].to_pylist().index(r) for r in out["row_id"].to_pylist()]))
+    # the rejected rows as OUT/rejected holds them, with every detail blanked: the summary must not need it
+    rejected = out.set_column(out.column_names.index("detail"), "detail", pa.array([""] * out.num_rows))
+    rejected = rejected.append_column("source", lost["source"]).append_column("candidate", lost["candidate"])
+    kept = rows.filter(pa.array([r not in set(out["row_id"].to_pylist()) for r in rows["row_id"].to_pylist()]))
+    table = stage.summarize(kept, rejected)["wins and grape_logprob_mean per model"]
+    got = {r["model"]: (r["rows"], r["wins"], r["mean"]) for r in table}
+    assert got == {"m1": (2, 1, -1.25), "m2": (2, 1, -2.0), "t/x.json": (1, 0, -4.0)}
 
 
 def test_correctness_prefilter_from_input_field_or_attribute():
@@ -266,8 +289,10 @@ def test_one_row_per_instruction_each_the_argmax(one_worker_run):
     data, attributes = read(out, "data"), {r["row_id"]: r for r in read(out, "attributes")}
     scores = scores_by_row(out)
     groups: dict[str, list[str]] = {}
+    kept_by: dict[str, str] = {}
     for r in read(out, "rejected"):
         groups.setdefault(json.dumps(json.loads(r["raw"])[:-1]), []).append(r["row_id"])
+        kept_by[r["row_id"]] = r["kept_row_id"]
     for row in data:
         a = attributes[row["row_id"]]
         assert a["grape_model"].startswith("hf:embedded:gemma-3-270m@")
@@ -276,6 +301,7 @@ def test_one_row_per_instruction_each_the_argmax(one_worker_run):
                                                          a["grape_logprob_mean"], abs_tol=1e-9)
         losers = groups[json.dumps(row["messages"][:-1])]
         assert len(losers) == len(MODELS) - 1
+        assert {kept_by[r] for r in losers} == {row["row_id"]}  # each loser names its group's winner
         assert all(scores[r] < a["grape_logprob_mean"] for r in losers)
     summary = manifest["summaries"]["grape_select"]
     table = summary["wins and grape_logprob_mean per model"]

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pyarrow as pa
+import pytest
 
 from thresher.filters.exact_dedup import ExactDedupStage
 from thresher.filters.validate import ValidateParams, ValidateStage
-from thresher.flows.pipeline import _pack_groups
+from thresher.flows.pipeline import _pack_groups, collect_rejected, ingest_file, make_shards, run_global_stage
+from thresher.flows.stage import STAGE_REJECTED_SCHEMA, StageOutput, conform_rejected
+from thresher.flows.store import Store
+from thresher.schemas.config import IngestConfig, StageEntry
 from thresher.schemas.readers import read_file
-from thresher.schemas.records import make_record, records_table
+from thresher.schemas.records import REJECTED_SCHEMA, make_record, prompt_messages, records_table, split_response
+from thresher.selectors.chunked import call_in_chunks
+from thresher.selectors.group_argmax import group_argmax
+from thresher.selectors.nullable import float_or_none, floats, nullable_floats
 from thresher.selectors.select import SelectParams, SelectStage
 
 
@@ -44,7 +54,7 @@ def test_exact_dedup_keeps_the_first_normalized_copy():
     out = ExactDedupStage().process(rows)
     ids = rows["row_id"].to_pylist()
     assert [r["row_id"] for r in out.rejected] == [ids[2]]
-    assert ids[0] in out.rejected[0]["detail"]
+    assert out.rejected[0]["kept_row_id"] == ids[0]
 
 
 def _scored(values, groups):
@@ -58,6 +68,11 @@ def test_select_where_argmax_budget():
     out = SelectStage(SelectParams(argmax_per_group="score")).process(rows)
     kept = [i for i in ids if i not in {r["row_id"] for r in out.rejected}]
     assert kept == [ids[1], ids[3], ids[5]]  # tie 3.0 vs 3.0: the first in corpus order; None loses
+    assert {r["row_id"]: (r["kept_row_id"], r["value"]) for r in out.rejected} == {
+        ids[0]: (ids[1], 1.0), ids[2]: (ids[1], 3.0), ids[4]: (ids[3], None)}
+    all_null = _scored([None, None], [0, 0])
+    out = SelectStage(SelectParams(argmax_per_group="score")).process(all_null)
+    assert [r["row_id"] for r in out.rejected] == [all_null["row_id"][1].as_py()]  # no value at all: the first stays
     out = SelectStage(SelectParams(where=["score >= 1"], order_by="score", budget=2)).process(rows)
     by_reason = {}
     for r in out.rejected:
@@ -78,3 +93,91 @@ def test_groups_are_never_split(shared_data):
         for index, shard in enumerate(shards):
             for p in shard:
                 assert owner.setdefault(groups[p], index) == index
+
+
+# --------------------------------------------------------------------------- rejection columns
+
+
+def test_rejected_rows_reach_the_output_with_typed_columns(tmp_path, shared_data):
+    """exact_dedup's kept row travels to OUT/rejected with the row's canonical columns."""
+    store_root = str(tmp_path / "store")
+    path = shared_data / "codealpaca" / "code_alpaca_2k.json"
+    twice = tmp_path / "twice.json"  # the first 5 rows, then the first 3 again under another source name
+    rows = json.loads(path.read_text())[:5]
+    twice.write_text(json.dumps(rows))
+    (tmp_path / "again.json").write_text(json.dumps(rows[:3]))
+    ingested = [ingest_file(str(p), IngestConfig(), store_root) for p in (twice, tmp_path / "again.json")]
+    sharding = make_shards(ingested, 100, store_root)
+    states = run_global_stage(StageEntry(stage="exact_dedup", params=ExactDedupStage.Params()),
+                              sharding["shards"], store_root)
+    rejected = collect_rejected(ingested, sharding, states, Store(store_root))
+    assert rejected.schema == REJECTED_SCHEMA
+    got = rejected.to_pylist()
+    assert [r["reason"] for r in got] == ["exact_duplicate"] * 3
+    base = Store(store_root).read_table("shards", sharding["shards"][0]["base"], "records").to_pylist()
+    kept_of = {r["content_id"]: r["row_id"] for r in base if r["source"].endswith("/again.json")}
+    for r in got:
+        assert r["source"].endswith("/twice.json") and r["code"] is None and r["value"] is None
+        mine = next(b for b in base if b["row_id"] == r["row_id"])
+        assert r["kept_row_id"] == kept_of[mine["content_id"]]  # again.json sorts first: its copy is kept
+
+
+def test_rejected_table_refuses_unknown_keys_and_old_results_conform():
+    out = StageOutput(rejected=[{"row_id": "a", "reason": "x", "kept_row": "b"}])
+    with pytest.raises(KeyError, match="kept_row"):
+        out.rejected_table()
+    table = StageOutput(rejected=[{"row_id": "a", "reason": "x", "kept_row_id": "b", "code": "c"}]).rejected_table()
+    assert table.to_pylist() == [{"row_id": "a", "reason": "x", "code": "c", "detail": "", "value": None,
+                                  "kept_row_id": "b"}]
+    stored_by_v1 = pa.table({"row_id": ["a"], "reason": ["x"], "detail": ["d"], "value": pa.array([1.5])})
+    assert conform_rejected(stored_by_v1).to_pylist() == [{"row_id": "a", "reason": "x", "code": None, "detail": "d",
+                                                           "value": 1.5, "kept_row_id": None}]
+    assert conform_rejected(stored_by_v1).schema == STAGE_REJECTED_SCHEMA
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def test_group_argmax_ties_nan_and_groups_without_values():
+    values = np.array([1.0, 3.0, 3.0, np.nan, 0.5, np.nan, np.nan, 2.0])
+    groups = ["a", "a", "a", "b", "b", "c", "c", "a"]
+    result = group_argmax(values, groups, [0, 1, 2, 3, 4, 5, 6])  # row 7 not alive
+    assert result.best == {"a": 1, "b": 4, "c": None}
+    assert result.members == {"a": [0, 1, 2], "b": [3, 4], "c": [5, 6]}
+
+
+def test_null_and_nan_round_trip():
+    column = pa.chunked_array([pa.array([1.5, None, 3], pa.float64())])
+    values = floats(column)
+    assert np.isnan(values[1]) and values[0] == 1.5 and values.dtype == np.float64
+    assert nullable_floats(values).to_pylist() == [1.5, None, 3.0]
+    assert float_or_none(np.float64("nan")) is None and float_or_none(None) is None and float_or_none(2) == 2.0
+    with pytest.raises(ValueError):
+        floats(["high"])
+
+
+def test_call_in_chunks_keeps_order_and_isolates_failing_items():
+    calls = []
+
+    def call(chunk):
+        calls.append(list(chunk))
+        if "bad" in chunk:
+            raise RuntimeError("the batch failed")
+        return [x.upper() for x in chunk]
+
+    items = ["a", "b", "bad", "c", "d"]
+    got = call_in_chunks(items, call, 2, one=lambda x: "failed" if x == "bad" else x.upper())
+    assert got == ["A", "B", "failed", "C", "D"]
+    assert calls == [["a", "b"], ["bad", "c"], ["d"]]
+    with pytest.raises(RuntimeError):
+        call_in_chunks(items, call, 2)
+    with pytest.raises(ValueError, match="2 items"):
+        call_in_chunks(["a", "b"], lambda chunk: chunk[:1], 2)
+
+
+def test_split_response_is_the_final_assistant_turn():
+    convo = _turns(("system", "s"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"))
+    history, response = split_response(convo)
+    assert history == convo[:-1] and response == "a2"
+    assert split_response(convo[:-1]) is None and split_response([]) is None
+    assert prompt_messages(convo) == convo[:-1] and prompt_messages(convo[:-1]) == convo[:-1]
