@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_model_lifecycle import assert_loaded_once_released_in_turn
 from thresher.flows.pipeline import _join_attributes
 from thresher.schemas.readers import read_file
 from thresher.schemas.records import make_record, records_table
@@ -430,6 +431,9 @@ def test_deita_pipeline_writes_the_budgeted_selection_with_attributes_and_report
     })
     manifest = execute(config, show_progress=False)
     out = tmp_path / "out"
+    # the model lifecycle: SmolLM2 loaded once for four tasks (two stages x two shards) and released
+    # when deita_quality was over, before all-MiniLM loaded for deita_embed
+    assert_loaded_once_released_in_turn(manifest, [SCORER["name"], MINILM["name"]])
     c = manifest["counts"]
     assert c["input"] == 11 and c["output"] == 5
     assert c["rejected_by_reason"]["deita_score_failed"] == 1
