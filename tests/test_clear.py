@@ -233,12 +233,13 @@ def test_config_errors_are_clear():
 
 # ------------------------------------------------------------------ the NullModel mix, end to end
 
-MIX_ROWS = 100  # instructions: 100 answered by gpt4_1106_preview + the same 100 by NullModel
+MIX_ROWS = 20  # instructions: 20 answered by gpt4_1106_preview + the same 20 by NullModel
+# (the full-size figure, 100 + 100 rows: `python bench/clear_mix.py`, quoted in the README)
 MIX_STAGE = {"stage": "clear", "k": 5, "max_tokens": 48, "max_answer_tokens": 128}
 
 
 def test_auto_filter_on_nullmodel_mix_through_the_flow(tmp_path, shared_data):
-    """200 rows through the real Prefect + Dask flow: NullModel's garbage goes, gpt4's answers stay."""
+    """40 rows through the real Prefect + Dask flow: NullModel's garbage goes, gpt4's answers stay."""
     from thresher.flows.curate import execute
 
     inputs = []

@@ -83,8 +83,8 @@ def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
     inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel", "vicuna-7b")]
     stages = [{"stage": "validate"}, {"stage": "exact_dedup"},
               {"stage": "select", "where": ["candidate != example"]}]
-    one = execute(_config(tmp_path, inputs, "one", workers=1, shard_rows=150, stages=stages), show_progress=False)
-    two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=40, stages=stages), show_progress=False)
+    one = execute(_config(tmp_path, inputs, "one", workers=1, shard_rows=500, stages=stages), show_progress=False)
+    two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=120, stages=stages), show_progress=False)
     assert one["counts"] == two["counts"]
     assert two["shards"]["count"] > one["shards"]["count"] > 1
     assert _data(tmp_path / "one") == _data(tmp_path / "two")
@@ -113,10 +113,12 @@ def _thresher(*args, **kwargs):
 
 
 def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shards_done: int):
-    """Start `thresher run` on GSM8K train (125 shards) in its own process group; return once
-    `shards_done` validate results are written, with the process still running."""
+    """Start `thresher run` on the first 1,800 rows of GSM8K train (30 shards) in its own process
+    group; return once `shards_done` validate results are written, with the process still running."""
+    rows = config.parent / "gsm8k_1800.jsonl"
+    rows.write_text("".join((shared_data / "gsm8k/train.jsonl").read_text().splitlines(keepends=True)[:1800]))
     config.write_text(
-        f"inputs: [{shared_data / 'gsm8k/train.jsonl'}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
+        f"inputs: [{rows}]\nshard_rows: 60\nexecution: {{workers: 1}}\n"
         f"stages: [{{stage: validate}}, {{stage: exact_dedup}}, {last_stage}]\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
@@ -134,7 +136,7 @@ def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shar
 def test_killed_run_resumes_with_the_same_output(tmp_path, shared_data):
     config = tmp_path / "kill.yaml"
     killed_out = tmp_path / "killed"
-    proc, validate_dir = _start_run(config, killed_out, shared_data, "{stage: select, budget: 5000}", 20)
+    proc, validate_dir = _start_run(config, killed_out, shared_data, "{stage: select, budget: 1000}", 6)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     finished_before_kill = len(list(validate_dir.iterdir()))

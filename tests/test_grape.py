@@ -4,7 +4,7 @@ Real models, no mocks. The reference scores are recomputed here with a plain
 transformers model (one forward per candidate and a hand-written log-softmax
 gather, plus a one-forward-per-prefix loop on a few candidates), with the prompt
 rendered here from the documented plain template, independently of the stage.
-Kept small for a 2-core CPU: 15 short AlpacaEval instructions x 9 candidates,
+Kept small for a 2-core CPU: 8 short AlpacaEval instructions x 9 candidates,
 a 32-token cap on prompt + response.
 """
 
@@ -28,7 +28,7 @@ from thresher.selectors.grape_prompt import PLAIN_TEMPLATE, render_text
 from thresher.selectors.grape_select import GrapeSelectParams, GrapeSelectStage
 
 TARGET = "embedded:gemma-3-270m"
-N_GROUPS = 15
+N_GROUPS = 8
 CAP = 32
 MODELS = [
     "Mistral-7B-Instruct-v0.2", "Mixtral-8x7B-Instruct-v0.1", "NullModel", "alpaca-7b", "claude-2",
