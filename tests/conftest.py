@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +23,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+# One real Prefect server for the whole session, started now (it comes up while the tests are
+# collected): every flow the tests run, in this process or through the CLI in a subprocess,
+# reports to it instead of starting a temporary server of its own (~10 s each on 2 cores).
+# Tests of the temporary server's own lifecycle drop PREFECT_API_URL from their subprocess.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import start_prefect_server, wait_for_prefect_server  # noqa: E402
+
+if "PREFECT_API_URL" not in os.environ:
+    _SERVER, _API = start_prefect_server(Path(_PREFECT_HOME))
+    os.environ["PREFECT_API_URL"] = _API
+    atexit.register(lambda: _SERVER.poll() is None and os.killpg(_SERVER.pid, signal.SIGTERM))
+else:
+    _SERVER, _API = None, os.environ["PREFECT_API_URL"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api() -> str:
+    """The session's Prefect API, once it answers."""
+    wait_for_prefect_server(_API, _SERVER)
+    return _API
 
 
 @pytest.fixture(scope="session")

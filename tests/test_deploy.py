@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from procs import BIN, free_port, stop_group
+from procs import BIN, stop_group
 
 
 def _wait_until(check, timeout: float, what: str, procs=()):
@@ -28,19 +28,10 @@ def _wait_until(check, timeout: float, what: str, procs=()):
 
 
 @pytest.fixture
-def prefect_server(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_until(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 120, "the Prefect server", [proc])
-        yield api, env
-    finally:
-        stop_group(proc)
+def prefect_server(tmp_path, prefect_api):
+    """The session's real Prefect server (tests/conftest.py); this test's own client home."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    yield prefect_api, env
 
 
 def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_server):

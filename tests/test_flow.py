@@ -112,7 +112,8 @@ def _thresher(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "thresher.cli", *args], capture_output=True, text=True, **kwargs)
 
 
-def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shards_done: int):
+def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shards_done: int,
+               env: dict[str, str] | None = None):
     """Start `thresher run` on the first 1,800 rows of GSM8K train (30 shards) in its own process
     group; return once `shards_done` validate results are written, with the process still running."""
     rows = config.parent / "gsm8k_1800.jsonl"
@@ -122,7 +123,7 @@ def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shar
         f"stages: [{{stage: validate}}, {{stage: exact_dedup}}, {last_stage}]\n"
     )
     proc = subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
     validate_dir = out / ".thresher" / "validate"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -219,7 +220,9 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
 def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
     """`kill` (or a scheduler's SIGTERM) ends the run with cleanup: no orphaned workers or Prefect server."""
     out = tmp_path / "term"
-    proc, _ = _start_run(tmp_path / "term.yaml", out, shared_data, "{stage: select}", 1)
+    # no PREFECT_API_URL: the run starts its own temporary Prefect server, which must go too
+    own_server = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc, _ = _start_run(tmp_path / "term.yaml", out, shared_data, "{stage: select}", 1, env=own_server)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "run the same command again to resume" in proc.stderr.read().decode()
