@@ -8,14 +8,15 @@ downloaded.
 
 Every backend resolves its model (and its ``tokenizer:``) through here. The
 module imports neither torch nor transformers, so a process that only talks to
-a server (the ``openai`` backend) can name its tokenizer's files without paying
-for a torch import. (Loading the tokenizer itself goes through transformers'
-``AutoTokenizer``, which imports torch when it is installed.)
+a server (the ``openai`` backend) can name and load its tokenizer without paying
+for a torch import (:func:`load_tokenizer` imports transformers when called, and
+avoids ``AutoTokenizer``, which imports torch).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from thresher.generators.base import BackendKind, ModelError
@@ -70,7 +71,20 @@ def backend_kind(file_kind: str) -> BackendKind:
 
 
 def load_tokenizer(path: Path | str) -> object:
-    """The Hugging Face tokenizer in a resolved folder (``AutoTokenizer``, local files only)."""
-    from transformers import AutoTokenizer
+    """The Hugging Face tokenizer in a resolved folder (local files only), without importing torch.
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ``AutoTokenizer`` imports torch whenever it is installed (through the model config), so
+    the class the folder's ``tokenizer_config.json`` names (``tokenizer_class``, e.g.
+    ``GemmaTokenizer``, ``TokenizersBackend``) is taken straight from transformers: the class
+    ``AutoTokenizer`` itself resolves that name to (checked on the embedded models: same class,
+    ids, chat template and special tokens). A folder that names none, or a class transformers
+    does not export, goes through ``AutoTokenizer``.
+    """
+    import transformers
+
+    config = Path(path) / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoTokenizer
+    return cls.from_pretrained(path, local_files_only=True)

@@ -22,15 +22,21 @@ from thresher.schemas.model_config import ModelConfig
 path, kind, ident = resolve_model_path("embedded:smollm2-135m-instruct")
 backend = OpenAIBackend(ModelConfig(name="served", backend="openai", base_url="http://127.0.0.1:9/v1",
                                     tokenizer="embedded:smollm2-135m-instruct"))
-facts = {"identity": backend.identity, "kind": backend.kind, "tokenizer_files": backend.vocab.resolve()[0].name,
-         "torch": "torch" in sys.modules}
+facts = {"identity": backend.identity, "kind": backend.kind, "tokenizer_files": backend.vocab.resolve()[0].name}
+from thresher.generators.model_files import load_tokenizer
+facts["ids"] = {name: load_tokenizer(resolve_model_path(name)[0])("Hello, world")["input_ids"]
+                for name in ("embedded:smollm2-135m-instruct", "embedded:gemma-3-270m")}
+facts["torch"] = "torch" in sys.modules
+from transformers import AutoTokenizer  # the reference: what AutoTokenizer gives (it imports torch)
+facts["auto_ids"] = {name: AutoTokenizer.from_pretrained(resolve_model_path(name)[0])("Hello, world")["input_ids"]
+                     for name in facts["ids"]}
 import thresher.generators.hf  # the control: the hf backend does import torch
 facts["torch_after_hf"] = "torch" in sys.modules
 print(json.dumps(facts))
 """
 
 
-def test_resolving_the_openai_or_vllm_tokenizer_imports_no_torch(tmp_path):
+def test_resolving_and_loading_the_openai_or_vllm_tokenizer_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,6 +44,7 @@ def test_resolving_the_openai_or_vllm_tokenizer_imports_no_torch(tmp_path):
     assert facts["identity"].startswith("openai:served|tokenizer:embedded:smollm2-135m-instruct@")
     assert facts["kind"] == "causal-lm" and facts["tokenizer_files"].startswith("smollm2-135m-instruct-")
     assert facts["torch"] is False and facts["torch_after_hf"] is True
+    assert facts["ids"] == facts["auto_ids"] and all(len(ids) >= 3 for ids in facts["ids"].values())
 
 
 def _folder(root: Path, weights: bytes) -> Path:
