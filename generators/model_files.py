@@ -84,7 +84,9 @@ def load_tokenizer(path: Path | str) -> object:
 
     config = Path(path) / "tokenizer_config.json"
     name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    cls = None
+    if isinstance(name, str) and name.isidentifier():  # AutoTokenizer's order: the fast variant first
+        cls = getattr(transformers, f"{name}Fast", None) or getattr(transformers, name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoTokenizer
     return cls.from_pretrained(path, local_files_only=True)
