@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from thresher.generators.backend_common import PromptEncoder
 from thresher.generators.base import (
     ModelBackend,
     NotSingleTokenError,
@@ -148,13 +147,10 @@ class PromptScorer:
         caps = [c for c in (max_tokens, context) if c]
         self.cap = min(caps) if caps else None
         self.chunk_size = max(1, chunk_size)
-        self._encoder: PromptEncoder | None = None
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Tokens of each prompt as the backend encodes it (BOS included)."""
-        if self._encoder is None:
-            self._encoder = PromptEncoder(self.backend.tokenizer)
-        return [len(ids) for ids in self._encoder.encode_prompts(list(prompts))]
+        return self.backend.count_tokens(list(prompts))
 
     def score(self, prompts: Sequence[str]) -> list[Outcome]:
         """One :class:`Outcome` per prompt, in order."""
