@@ -61,16 +61,44 @@ def default_data() -> Path:
     return REPO.parent / "shared" / "data" / "alpaca_eval"
 
 
+#: the tokenizer files bench/gpu_prepare.sh copies from this machine's embedded Gemma
+TOKENIZER_DIR = REPO / ".gpu" / "tokenizer"
+
+
 def model_name(args: argparse.Namespace) -> str:
-    """A loadable model: the given name, or a GGUF file converted once to safetensors."""
+    """A loadable model: the given name, or a GGUF file converted once to safetensors.
+
+    The GGUF's own tokenizer is replaced by the one in ``TOKENIZER_DIR`` when present:
+    transformers 5.17 (the GPU machines' version) rebuilds Gemma's tokenizer from a GGUF
+    almost one token per character (an AlpacaEval prompt of 649 characters came out as
+    525 tokens instead of 136 on 2026-11-27), which pushed 396 candidates past the
+    512-token cap with no response token left to score.
+    """
     if not args.gguf:
         return args.model
+    import gzip
+    import shutil
+
     from thresher.generators.embedded import convert_gguf
 
     out = Path(tempfile.gettempdir()) / f"thresher-gpu-check-{Path(args.gguf).stem}"
     if not (out / "config.json").exists():
         convert_gguf(Path(args.gguf), out)
+    if (TOKENIZER_DIR / "tokenizer.json.gz").is_file():
+        with gzip.open(TOKENIZER_DIR / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        shutil.copy(TOKENIZER_DIR / "tokenizer_config.json", out / "tokenizer_config.json")
     return str(out)
+
+
+def tokenizer_check(backend) -> dict:
+    """The token count of a fixed text against the count this machine's tokenizer gave (gpu_prepare.sh)."""
+    expected_file = TOKENIZER_DIR / "expected.json"
+    if not expected_file.is_file():
+        return {"checked": False}
+    expected = json.loads(expected_file.read_text())
+    got = len(backend.tokenizer(expected["text"], add_special_tokens=False)["input_ids"])
+    return {"checked": True, "expected_tokens": expected["tokens"], "tokens": got, "ok": got == expected["tokens"]}
 
 
 def read_candidates(data: Path, limit: int | None):
@@ -88,16 +116,18 @@ def read_candidates(data: Path, limit: int | None):
 
 
 def independent_argmax(rows, scores) -> set[str]:
-    """Per group, the first row (corpus order) with the largest finite mean; unscored rows rank last."""
+    """Per group, the first row (corpus order) with the largest finite mean; a group
+    with no finite mean keeps no row (grape_select's documented rule)."""
     import math
 
-    best: dict[str, tuple[float, int, str]] = {}
-    for position, (gid, rid) in enumerate(zip(rows["group_id"].to_pylist(), rows["row_id"].to_pylist())):
+    best: dict[str, tuple[float, str]] = {}
+    for gid, rid in zip(rows["group_id"].to_pylist(), rows["row_id"].to_pylist()):
         score = scores.get(rid)
-        key = score if score is not None and math.isfinite(score) else -math.inf
-        if gid not in best or key > best[gid][0]:
-            best[gid] = (key, position, rid)
-    return {rid for _, _, rid in best.values()}
+        if score is None or not math.isfinite(score):
+            continue
+        if gid not in best or score > best[gid][0]:
+            best[gid] = (score, rid)
+    return {rid for _, rid in best.values()}
 
 
 def grape_check(backend_cfg, rows, max_tokens: int) -> dict:
@@ -128,7 +158,11 @@ def grape_check(backend_cfg, rows, max_tokens: int) -> dict:
             wins[cand or "?"] = wins.get(cand or "?", 0) + 1
     return {
         "candidates": rows.num_rows, "instructions": groups, "kept": len(kept),
-        "kept_is_argmax": set(kept) == expected, "one_per_instruction": len(kept) == groups,
+        "kept_is_argmax": set(kept) == expected,
+        "one_per_instruction": len(kept) == len(expected) == len({gid for gid, rid in zip(
+            joined["group_id"].to_pylist(), joined["row_id"].to_pylist()) if rid in set(kept)}),
+        "unscored_instructions": groups - len(expected),
+        "unscored_rows": sum(1 for r in joined["row_id"].to_pylist() if means.get(r) is None),
         "stage_rejected": len(rejected_ids), "scored_tokens": tokens, "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
         "wins_by_model": dict(sorted(wins.items(), key=lambda kv: -kv[1])),
@@ -197,11 +231,27 @@ def main() -> int:
 
     report: dict = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                     "torch": torch.__version__}
+    t0 = time.perf_counter()
+    print("[gpu_check] loading (a GGUF is converted first)", file=sys.stderr, flush=True)
     cfg = ModelConfig(name=model_name(args), device=args.device, dtype=args.dtype,
                       batch_size=args.batch_size, max_batch_tokens=max(16384, args.batch_size * args.max_tokens))
+    def emit(phase: str) -> None:
+        """Progress on stderr and the report so far under --out: a run cut off by its time limit keeps its figures."""
+        print(f"[gpu_check] {phase} after {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+    started = t0
     rows = read_candidates(args.data or default_data(), args.limit)
-    report["grape"] = grape_check(cfg, rows, args.max_tokens)
     backend = load_model(cfg, cache=False)
+    report["tokenizer"] = tokenizer_check(backend)
+    emit(f"model loaded, tokenizer {report['tokenizer']}")
+    if report["tokenizer"].get("ok") is False:
+        print(json.dumps(report, indent=2))
+        return 1
+    report["grape"] = grape_check(cfg, rows, args.max_tokens)
+    emit("GRAPE done")
     instructions = list(dict.fromkeys(m[0]["content"] for m in rows["messages"].to_pylist()))[: args.gen_prompts]
     report["generation"] = generation_check(backend, instructions, args.gen_tokens,
                                             min(args.gen_baseline, len(instructions)))

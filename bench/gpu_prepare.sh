@@ -24,3 +24,19 @@ split -b 45M -d "$GGUF" .gpu/model/part-
 ( cd .gpu/model && sha256sum part-* > SHA256SUMS )
 du -sh .gpu/*
 ls .gpu/model
+# The embedded Gemma's tokenizer (gzipped) and a reference token count: transformers 5.17 on the
+# GPU machines rebuilds a near character-level tokenizer from the GGUF (see gpu_check.model_name)
+mkdir -p .gpu/tokenizer
+MODEL_DIR=$("$PY" -c "from thresher.generators.model_files import resolve_model_path; print(resolve_model_path('embedded:gemma-3-270m')[0])")
+gzip -c "$MODEL_DIR/tokenizer.json" > .gpu/tokenizer/tokenizer.json.gz
+cp "$MODEL_DIR/tokenizer_config.json" .gpu/tokenizer/
+"$PY" - <<'PY'
+import json
+from transformers import AutoTokenizer
+from thresher.generators.model_files import resolve_model_path
+text = "### Instruction:\nI have this text: <br><br>We use professional processes. Thresher's check, 2026."
+tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded:gemma-3-270m")[0])
+json.dump({"text": text, "tokens": len(tok(text, add_special_tokens=False)["input_ids"])},
+          open(".gpu/tokenizer/expected.json", "w"))
+PY
+du -sh .gpu/tokenizer
