@@ -130,7 +130,9 @@ def independent_argmax(rows, scores) -> set[str]:
     return {rid for _, rid in best.values()}
 
 
-def grape_check(backend_cfg, rows, max_tokens: int) -> dict:
+def grape_run(backend_cfg, rows, max_tokens: int):
+    """``GrapeStage`` then ``GrapeSelectStage`` on ``rows``: (scored rows with their mean, means by
+    row id, kept row ids in corpus order, stage-rejected ids, scored tokens, scoring seconds)."""
     import pyarrow as pa
 
     from thresher.selectors.grape import GrapeParams, GrapeStage
@@ -150,6 +152,11 @@ def grape_check(backend_cfg, rows, max_tokens: int) -> dict:
     select = GrapeSelectStage(GrapeSelectParams()).process(joined)
     lost = {r["row_id"] for r in select.rejected}
     kept = [r for r in joined["row_id"].to_pylist() if r not in lost]
+    return joined, means, kept, rejected_ids, tokens, seconds
+
+
+def grape_check(backend_cfg, rows, max_tokens: int) -> dict:
+    joined, means, kept, rejected_ids, tokens, seconds = grape_run(backend_cfg, rows, max_tokens)
     expected = independent_argmax(joined, means)
     groups = len(set(rows["group_id"].to_pylist()))
     wins: dict[str, int] = {}

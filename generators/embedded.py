@@ -166,11 +166,39 @@ def _folder_sha(folder: Path) -> str:
     return h.hexdigest()
 
 
+#: bumped whenever convert_gguf writes a different layout, so older cached conversions are redone
+#: (2: the tied embedding stored under its own name and ``architectures`` in config.json, as
+#: ``save_pretrained`` writes them: vLLM reads nothing else)
+CONVERSION_LAYOUT = 2
+
+
+def gguf_tokenizer_flags(gguf_path: Path) -> dict[str, bool]:
+    """``add_bos_token`` / ``add_eos_token`` as the GGUF's metadata states them (absent: not stated)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    flags = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.contents())
+    return flags
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF file with transformers and save a safetensors checkpoint.
+    """Dequantize a GGUF file with transformers and save a standard safetensors checkpoint.
 
     ``save_pretrained`` refuses GGUF-quantized models, so the config (without its
-    ``quantization_config``), the tokenizer and the weights are written separately.
+    ``quantization_config``), the tokenizer and the weights are written separately,
+    in the layout ``save_pretrained`` gives a plain model, which every engine reads:
+
+    - tied input/output embeddings are stored once, as ``model.embed_tokens.weight``
+      (``safetensors.torch.save_model`` would keep ``lm_head.weight`` instead: transformers
+      re-ties it, but vLLM then leaves the embeddings at zero and every log-prob is uniform);
+    - ``architectures`` in config.json (a config built from a GGUF has none, and vLLM then
+      picks the bare backbone, for Gemma-3 even an embedding model);
+    - the tokenizer adds BOS/EOS as the GGUF's metadata says (transformers 5.19 reads Gemma's
+      GGUF tokenizer without its BOS; without BOS Gemma writes garbage).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import safetensors.torch
@@ -181,12 +209,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_path.name)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    for flag, value in gguf_tokenizer_flags(gguf_path).items():
+        setattr(tok, flag, value)  # transformers 5.19 drops Gemma's BOS when it reads the GGUF
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    embeddings = model.get_input_embeddings().weight
+    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embeddings:
+        state = {name: t for name, t in state.items() if name != "lm_head.weight"}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    safetensors.torch.save_model(model, str(out_dir / "model.safetensors"))
+    safetensors.torch.save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _share(folder: Path) -> None:
@@ -205,7 +240,7 @@ def converted_gguf_dir(name: str, gguf_path: Path, sha: str) -> Path:
     temporary sibling directory, then ``os.rename`` into place.
     """
     models = cache_dir() / "models"
-    target = models / f"{name}-{sha[:12]}"
+    target = models / f"{name}-{sha[:12]}-layout{CONVERSION_LAYOUT}"
     if (target / "model.safetensors").is_file():
         return target
     with _file_lock(models / f".{target.name}.lock"):

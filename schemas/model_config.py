@@ -45,6 +45,16 @@ class ModelConfig(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=4, ge=0)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    kv_cache_gb: float | None = Field(
+        default=None, gt=0,
+        description="vllm: the KV cache's size in GiB (default: gpu_memory_utilization's share of a GPU; "
+                    "2 GiB on a CPU, where that share would be of the machine's RAM)",
+    )
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="vllm: no torch.compile / CUDA graphs (default: on CPUs, where compiling costs a "
+                    "minute per load and gains little; off on GPUs)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -58,3 +58,33 @@ def wait_for_prefect_server(api: str, proc: subprocess.Popen | None, timeout: fl
             pass
         time.sleep(0.25)
     raise RuntimeError(f"the Prefect server at {api} did not answer in {timeout:.0f} s")
+
+
+def serve_openai(name: str, cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None):
+    """Start an OpenAI-compatible server (``cmd`` must listen where its ``--port`` says), wait until
+    ``/v1/models`` answers, yield its ``/v1`` URL, and stop its process group afterwards. A server
+    that exits or never answers fails the test with the end of its log."""
+    import httpx
+    import pytest
+
+    port = cmd[cmd.index("--port") + 1]
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc)

@@ -396,7 +396,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 def test_embedded_identity_names_the_weights():
     r = resolve_embedded("embedded:smollm2-135m-instruct")
     assert r.identity == f"embedded:smollm2-135m-instruct@{r.sha}" and len(r.sha) == 12
-    assert (r.path / "model.safetensors").is_file() and r.path.name.endswith(r.sha)
+    assert (r.path / "model.safetensors").is_file() and f"-{r.sha}-layout" in r.path.name
 
 
 def test_plan_batches_respects_budgets():
