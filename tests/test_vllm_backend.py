@@ -199,52 +199,54 @@ def test_a_shared_engine_outlives_all_but_its_last_user(vb, hf):
 # --------------------------------------------------------------------------- a flow on a Dask worker
 
 
-def grape_flow(inputs, out, backend: str, cache):
+def grape_flow(inputs, out, cache):
     from thresher.flows.registry import parse_config
 
-    model = {"name": SMOL, "backend": backend}
-    if backend == "vllm":
-        model |= {"max_model_len": 1024, "kv_cache_gb": 0.5}
     return parse_config({
-        "name": f"grape-{backend}", "inputs": [str(p) for p in inputs], "out": str(out),
+        "name": "grape-vllm", "inputs": [str(p) for p in inputs], "out": str(out),
         "shard_rows": 18, "execution": {"workers": 1},
         "stages": [
             {"stage": "validate"},
-            {"stage": "grape", "model": model, "max_tokens": 96, "request_cache_path": str(cache)},
+            {"stage": "grape", "model": {"name": SMOL, "backend": "vllm", "max_model_len": 1024, "kv_cache_gb": 0.5},
+             "max_tokens": 96, "request_cache_path": str(cache)},
             {"stage": "grape_select"},
         ],
     })
 
 
-def test_grape_flow_with_backend_vllm_selects_what_hf_selects(tmp_path, shared_data):
+def test_grape_flow_with_backend_vllm_selects_what_hf_selects(tmp_path, shared_data, hf):
     """One model stage with ``backend: vllm`` on a local Dask worker: the engine loads once in
-    the worker process for all its shards, and the kept rows are hf's (up to near-ties)."""
+    the worker process for both its shards, every score is hf's (the same rows scored in-process
+    by GrapeStage on hf), and each kept row is hf's argmax, up to near-ties."""
     from test_grape import write_sample
     from test_model_lifecycle import assert_loaded_once_released_in_turn
     from thresher.flows.curate import execute
+    from thresher.schemas.readers import read_file
+    from thresher.schemas.records import records_table
+    from thresher.selectors.grape import GrapeParams, GrapeStage
 
     sample = write_sample(tmp_path / "sample", shared_data, 4)
-    runs = {b: execute(grape_flow(sample, tmp_path / b, b, tmp_path / f"{b}.sqlite"), show_progress=False)
-            for b in ("hf", "vllm")}
-    vllm_run = runs["vllm"]
-    assert vllm_run["shards"]["count"] == 2 and vllm_run["counts"] == runs["hf"]["counts"]
-    assert_loaded_once_released_in_turn(vllm_run, [SMOL])
-    assert {e["backend"] for e in vllm_run["model_lifecycle"]} == {"vllm"}
+    run = execute(grape_flow(sample, tmp_path / "vllm", tmp_path / "requests.sqlite"), show_progress=False)
+    assert run["shards"]["count"] == 2
+    assert run["counts"]["input"] == 36 and run["counts"]["output"] == 4
+    assert run["counts"]["rejected_by_reason"] == {"grape_not_best": 32}
+    assert_loaded_once_released_in_turn(run, [SMOL])
+    assert {e["backend"] for e in run["model_lifecycle"]} == {"vllm"}
 
-    def table(backend: str, folder: str) -> list[dict]:
-        return pq.read_table(sorted((tmp_path / backend / folder).glob("*.parquet"))).to_pylist()
+    rows = records_table([rec for path in sample for rec in read_file(path).records])
+    attrs = GrapeStage(GrapeParams(model=SMOL, max_tokens=96, request_cache=False)).process(rows).attributes
+    theirs = dict(zip(attrs["row_id"].to_pylist(), attrs["grape_logprob_mean"].to_pylist()))
+    groups = dict(zip(rows["row_id"].to_pylist(), rows["group_id"].to_pylist()))
 
-    def scores(backend: str) -> dict[str, float]:
-        kept = {r["row_id"]: r["grape_logprob_mean"] for r in table(backend, "attributes")}
-        return kept | {r["row_id"]: r["value"] for r in table(backend, "rejected")}
+    def table(folder: str) -> list[dict]:
+        return pq.read_table(sorted((tmp_path / "vllm" / folder).glob("*.parquet"))).to_pylist()
 
-    mine, theirs = scores("vllm"), scores("hf")
+    mine = {r["row_id"]: r["grape_logprob_mean"] for r in table("attributes")}
+    kept = set(mine)
+    mine |= {r["row_id"]: r["value"] for r in table("rejected")}
     assert mine.keys() == theirs.keys()
     for rid in mine:
         assert abs(mine[rid] - theirs[rid]) < TOKEN_ATOL, rid
-    kept_v = {r["row_id"] for r in table("vllm", "data")}
-    hf_winner = {r["row_id"]: r["kept_row_id"] for r in table("hf", "rejected")}
-    assert len(kept_v) == 4
-    for rid in kept_v:  # hf's pick, or a row hf scores within TOKEN_ATOL of its pick (a near-tie)
-        if rid in hf_winner:
-            assert abs(theirs[rid] - theirs[hf_winner[rid]]) < TOKEN_ATOL, rid
+    for rid in kept:  # hf's argmax of its group, or within TOKEN_ATOL of it (a near-tie)
+        best = max(theirs[r] for r in theirs if groups[r] == groups[rid])
+        assert theirs[rid] > best - TOKEN_ATOL, rid
