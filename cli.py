@@ -8,6 +8,7 @@ Failures exit non-zero with a one-line reason on stderr (``--debug`` shows the t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -201,6 +202,29 @@ def prepare_models(
         for short in sorted(EMBEDDED):
             resolved = resolve_embedded(PREFIX + short)
             typer.echo(f"{resolved.identity}  {resolved.path}")
+    except BaseException as err:
+        _fail(err, debug)
+
+
+@app.command("magpie-template")
+def magpie_template(
+    model: str = typer.Argument(..., help="a model folder, a folder holding only tokenizer files, or embedded:<name>"),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", "-s", help="a system turn to put first"),
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Print Magpie's pre-query template for MODEL, derived from its chat template, and what ends the
+    user turn: check it before spending GPU hours. JSON, with the prefix also shown as a Python string."""
+    try:
+        from thresher.generators.magpie_template import pre_query_template
+        from thresher.generators.model_files import load_tokenizer, resolve_model_path
+
+        folder = Path(model).expanduser()  # a folder of tokenizer files alone has no weights to fingerprint
+        tokenizer = load_tokenizer(folder if folder.is_dir() else resolve_model_path(model)[0])
+        pre = pre_query_template(tokenizer, system_prompt)
+        typer.echo(json.dumps({"pre_query": pre.text, "end_of_turn": pre.end_of_turn,
+                               "end_of_turn_ids": list(pre.end_of_turn_ids), "system_prompt": pre.system_prompt},
+                              ensure_ascii=False, indent=2))
+        typer.echo(f"pre-query: {pre.text!r}")
     except BaseException as err:
         _fail(err, debug)
 
