@@ -241,6 +241,20 @@ def test_seeded_sampling_is_reproducible(oa, hf):
 # --------------------------------------------------------------------------- real server: errors, threads
 
 
+@pytest.mark.slow
+def test_magpie_instructions_from_the_llama_cpp_server(oa, hf):
+    """Magpie's raw-prompt sampling through the openai backend on a completions server: the bare
+    pre-query text, n samples, reproducible from the seed."""
+    from thresher.generators.magpie import sample_instructions
+    from thresher.generators.magpie_template import pre_query_template
+
+    pre = pre_query_template(hf.tokenizer)
+    first = sample_instructions(oa, pre, 4, 4, seed=3, max_tokens=48)
+    assert first == sample_instructions(oa, pre, 4, 4, seed=3, max_tokens=48)
+    usable = [s.text for s in first if s.reason is None]
+    assert len(usable) >= 2 and len(set(usable)) == len(usable) and all("\n" not in t for t in usable)
+
+
 def test_unreachable_server_fails_after_retries(tmp_path):
     cfg = ModelConfig(name=MODEL, backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1",
                       served_model_name="m", max_retries=2, timeout_s=5)

@@ -250,3 +250,16 @@ def test_grape_flow_with_backend_vllm_selects_what_hf_selects(tmp_path, shared_d
     for rid in kept:  # hf's argmax of its group, or within TOKEN_ATOL of it (a near-tie)
         best = max(theirs[r] for r in theirs if groups[r] == groups[rid])
         assert theirs[rid] > best - TOKEN_ATOL, rid
+
+
+def test_magpie_instructions_through_vllm_are_seeded_n_per_call(vb, hf):
+    """Magpie's call on vLLM: the bare pre-query prompt, n per request, reproducible."""
+    from thresher.generators.magpie import sample_instructions
+    from thresher.generators.magpie_template import pre_query_template
+
+    pre = pre_query_template(vb.tokenizer)
+    first = sample_instructions(vb, pre, 8, 4, seed=5, max_tokens=48)
+    assert first == sample_instructions(vb, pre, 8, 4, seed=5, max_tokens=48)
+    usable = [s.text for s in first if s.reason is None]
+    assert len(usable) >= 4 and len(set(usable)) == len(usable)
+    assert all("\n" not in s.text for s in first)
