@@ -221,14 +221,16 @@ class OpenAIBackend(ModelBackend):
             raise ModelError(f"{self.base_url}{path} returned no choices: {str(resp)[:500]}")
         if greedy:
             return [choices[0]] * want
-        extra = 1
-        while len(choices) < want:
+
+        async def one_more(extra: int) -> dict[str, Any]:
             seed = None if params.seed is None else params.seed + extra
-            more = (await self.transport.post(path, {**body, "n": 1, **({} if seed is None else {"seed": seed})}))
+            more = await self.transport.post(path, {**body, "n": 1, **({} if seed is None else {"seed": seed})})
             if not more.get("choices"):
                 raise ModelError(f"{self.base_url}{path} returned no choices when asked for more samples")
-            choices.append(more["choices"][0])
-            extra += 1
+            return more["choices"][0]
+
+        # the top-ups go out together (the transport bounds them to max_concurrency), in seed order
+        choices += await asyncio.gather(*(one_more(extra) for extra in range(len(choices), want)))
         return choices[:want]
 
     async def _generate_one(self, prompt: str, params: SamplingParams) -> Generation:
