@@ -39,12 +39,12 @@ def smol():
 @pytest.mark.slow
 def test_instructions_from_the_pre_query_alone_are_seeded_and_single_line(smol):
     pre = pre_query_template(smol.tokenizer)
-    first = sample_instructions(smol, pre, 6, 3, seed=11, max_tokens=48)
-    assert [s.seed for s in first] == [11, 11, 11, 14, 14, 14] and [s.index for s in first] == [0, 1, 2] * 2
-    assert first == sample_instructions(smol, pre, 6, 3, seed=11, max_tokens=48)  # the same run twice
-    other = sample_instructions(smol, pre, 6, 3, seed=99, max_tokens=48)
-    assert [s.text for s in other] != [s.text for s in first]
+    first = sample_instructions(smol, pre, 4, 2, seed=11, max_tokens=40)
+    assert [s.seed for s in first] == [11, 11, 13, 13] and [s.index for s in first] == [0, 1] * 2
+    assert first == sample_instructions(smol, pre, 4, 2, seed=11, max_tokens=40)  # the same run twice
+    other = sample_instructions(smol, pre, 2, 2, seed=99, max_tokens=40)
+    assert [s.text for s in other] != [s.text for s in first[:2]]
     usable = [s for s in first if s.reason is None]
-    assert len(usable) >= 3 and len({s.text for s in usable}) == len(usable)  # distinct draws of one prompt
+    assert len(usable) >= 2 and len({s.text for s in usable}) == len(usable)  # distinct draws of one prompt
     assert all("\n" not in s.text and s.text == s.text.strip() for s in first)
     assert all(s.reason in (None, REASON_EMPTY, REASON_TRUNCATED, REASON_ROLE_LEAK) for s in first)
