@@ -222,7 +222,7 @@ def test_greedy_decode_equals_transformers_generate(smollm2_backend):
     ours = [g.completions[0].token_ids for g in smollm2_backend.generate(DECODE_PROMPTS, params)]
     assert ours == _transformers_greedy(smollm2_backend, DECODE_PROMPTS, n)
     assert max(map(len, ours)) == n  # at least one row ran all the steps
-    for prompt in DECODE_PROMPTS:
+    for prompt in (DECODE_PROMPTS[0], DECODE_PROMPTS[-1]):  # the shortest and the longest, alone
         (alone,) = smollm2_backend.generate([prompt], params)
         assert alone.completions[0].token_ids == _transformers_greedy(smollm2_backend, [prompt], n)[0]
 
