@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "clear": "thresher.selectors.clear:ClearStage",
     "clear_filter": "thresher.selectors.clear_filter:ClearFilterStage",
     "clear_correct": "thresher.selectors.clear_correct:ClearCorrectStage",
+    "magpie_tag": "thresher.selectors.magpie_tag:MagpieTagStage",
     "magpie_dedup": "thresher.filters.magpie_dedup:MagpieDedupStage",
 }
 

@@ -51,17 +51,30 @@ def test_near_duplicate_instructions_keep_the_first_in_corpus_order():
 
 
 @pytest.mark.slow
-def test_magpie_dedup_in_a_flow_reconciles(tmp_path):
+def test_magpie_tag_and_dedup_in_a_flow(tmp_path):
+    """validate -> magpie_tag -> magpie_dedup through the flow: every row tagged or given a tag-failure
+    reason, near-duplicates out, counts reconciled, tag distributions in the report."""
     from thresher.flows.curate import execute
     from thresher.flows.registry import parse_config
 
     src = tmp_path / "instructions.jsonl"
     src.write_text("".join(json.dumps({"instruction": q, "output": "a"}) + "\n" for q in INSTRUCTIONS))
+    out = tmp_path / "out"
     manifest = execute(parse_config({
-        "name": "magpie-dedup", "inputs": [str(src)], "out": str(tmp_path / "out"), "execution": {"workers": 1},
-        "stages": [{"stage": "validate"}, {"stage": "magpie_dedup", "request_cache": False}],
+        "name": "magpie-stages", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
+        "stages": [{"stage": "validate"},
+                   {"stage": "magpie_tag", "tags": ["input_quality"], "max_tokens": 48, "request_cache": False},
+                   {"stage": "magpie_dedup", "request_cache": False}],
     }), show_progress=False)
     c = manifest["counts"]
     assert c["input"] == 5 == c["output"] + c["rejected"] and c["rejected_by_reason"] == {"magpie_near_duplicate": 2}
-    data = pq.read_table(sorted((tmp_path / "out" / "data").glob("*.parquet"))).to_pylist()
+    data = pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
     assert [r["messages"][0]["content"] for r in data] == [INSTRUCTIONS[i] for i in (0, 1, 4)]
+    attrs = pq.read_table(sorted((out / "attributes").glob("*.parquet"))).to_pylist()
+    assert len(attrs) == 3
+    for a in attrs:
+        assert (a["magpie_input_quality"] is None) != (a["magpie_input_quality_failure"] is None)
+        assert a["repeat_count"] >= 1 and a["magpie_tagger"].startswith("hf:embedded:smollm2-135m-instruct@")
+    summary = manifest["summaries"]["magpie_tag"]
+    assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 3
+    assert "no reward model" in summary["reward"] and "input_quality failures" in (out / "report.md").read_text()

@@ -1,0 +1,80 @@
+"""Magpie's tags as a stage: each row's instruction tagged by a chat model (``magpie_tag``).
+
+Magpie (Xu et al., ICLR 2025; magpie-align/magpie ``exp/unitag.py``): the instruction (the
+row's first user turn) is tagged for ``input_quality``, ``difficulty`` and
+``task_category`` by a chat model answering the reference's prompt contracts
+(:mod:`thresher.generators.magpie_tags`: the JSON prefilled with ``{``, temperature 0).
+
+Attribute columns, for every tag asked for (``tags``): ``magpie_<tag>`` (the label, null
+only when the tag failed) and ``magpie_<tag>_failure`` (null, or ``tag_unparsable`` /
+``tag_missing_field`` / ``tag_label_invalid``): a row never has neither. ``task_category``
+also writes ``magpie_other_tags``. ``magpie_tagger`` names the model.
+
+``reward`` needs a reward model (a local sequence-classification model): none is embedded, so
+the stage does not compute it and its summary says so. The filter is the declarative
+``select`` (e.g. ``magpie_input_quality in [good, excellent]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from thresher.filters.magpie_dedup import first_user_turn
+from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
+from thresher.generators.magpie_tags import tag_instructions
+from thresher.schemas.model_config import ModelConfig
+from thresher.selectors.chunked import call_in_chunks
+
+TagName = Literal["input_quality", "difficulty", "task_category"]
+
+
+class MagpieTagParams(ModelStageParams):
+    model: ModelConfig = model_field("embedded:smollm2-135m-instruct", "the chat model that tags (any chat model)")
+    tags: list[TagName] = Field(default_factory=lambda: ["input_quality", "difficulty", "task_category"],
+                                min_length=1, description="the tags to ask for")
+    max_tokens: int = Field(256, ge=16, description="the longest answer a tag may take")
+    chunk_size: int = resource_knob(64, ge=1, description="instructions per model call")
+
+
+class MagpieTagStage(Stage):
+    """Tag each row's instruction (see the module docstring)."""
+
+    name = "magpie_tag"
+    version = "1"
+    Params = MagpieTagParams
+
+    def process(self, rows: pa.Table) -> StageOutput:
+        p: MagpieTagParams = self.params
+        texts = [first_user_turn(m) for m in rows["messages"].to_pylist()]
+        backend = p.load()
+        columns: dict[str, pa.Array] = {"row_id": pa.array(rows["row_id"].to_pylist(), pa.string())}
+        for tag in p.tags:
+            results = call_in_chunks(texts, lambda chunk, tag=tag: tag_instructions(backend, tag, chunk, p.max_tokens),
+                                     p.chunk_size, progress=f"magpie_tag {tag}: tagged")
+            columns[f"magpie_{tag}"] = pa.array([r.label for r in results], pa.string())
+            columns[f"magpie_{tag}_failure"] = pa.array([r.failure for r in results], pa.string())
+            if tag == "task_category":
+                columns["magpie_other_tags"] = pa.array(
+                    [r.fields.get("other_tags") if r.label else None for r in results], pa.list_(pa.string()))
+        columns["magpie_tagger"] = pa.array([backend.identity] * rows.num_rows, pa.string())
+        return StageOutput(attributes=pa.table(columns))
+
+    def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
+        p: MagpieTagParams = self.params
+        summary: dict[str, Any] = {"tagger": p.model.name}
+        for tag in p.tags:
+            for column, title in ((f"magpie_{tag}", f"{tag}, kept rows"), (f"magpie_{tag}_failure", f"{tag} failures")):
+                if column in kept.column_names:
+                    counts: dict[str, int] = {}
+                    for value in kept[column].to_pylist():
+                        if value is not None:
+                            counts[value] = counts.get(value, 0) + 1
+                    summary[title] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        summary["reward"] = "not computed: no reward model is configured (none is embedded)"
+        return summary
+
+
+
