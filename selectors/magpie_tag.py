@@ -7,7 +7,8 @@ row's first user turn) is tagged for ``input_quality``, ``difficulty`` and
 
 Attribute columns, for every tag asked for (``tags``): ``magpie_<tag>`` (the label, null
 only when the tag failed) and ``magpie_<tag>_failure`` (null, or ``tag_unparsable`` /
-``tag_missing_field`` / ``tag_label_invalid``): a row never has neither. ``task_category``
+``tag_missing_field`` / ``tag_label_invalid``; ``language_undetected`` for ``language``,
+which the lingua library gives as an ISO 639-1 code, no model): a row never has neither. ``task_category``
 also writes ``magpie_other_tags``. ``magpie_tagger`` names the model.
 
 ``reward`` needs a reward model (a local sequence-classification model): none is embedded, so
@@ -24,16 +25,16 @@ from pydantic import Field
 
 from thresher.filters.magpie_dedup import first_user_turn
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
-from thresher.generators.magpie_tags import tag_instructions
+from thresher.generators.magpie_tags import detect_languages, tag_instructions
 from thresher.schemas.model_config import ModelConfig
 from thresher.selectors.chunked import call_in_chunks
 
-TagName = Literal["input_quality", "difficulty", "task_category"]
+TagName = Literal["input_quality", "difficulty", "task_category", "language"]
 
 
 class MagpieTagParams(ModelStageParams):
     model: ModelConfig = model_field("embedded:smollm2-135m-instruct", "the chat model that tags (any chat model)")
-    tags: list[TagName] = Field(default_factory=lambda: ["input_quality", "difficulty", "task_category"],
+    tags: list[TagName] = Field(default_factory=lambda: ["input_quality", "difficulty", "task_category", "language"],
                                 min_length=1, description="the tags to ask for")
     max_tokens: int = Field(256, ge=16, description="the longest answer a tag may take")
     chunk_size: int = resource_knob(64, ge=1, description="instructions per model call")
@@ -49,17 +50,21 @@ class MagpieTagStage(Stage):
     def process(self, rows: pa.Table) -> StageOutput:
         p: MagpieTagParams = self.params
         texts = [first_user_turn(m) for m in rows["messages"].to_pylist()]
-        backend = p.load()
+        backend = p.load() if any(tag != "language" for tag in p.tags) else None
         columns: dict[str, pa.Array] = {"row_id": pa.array(rows["row_id"].to_pylist(), pa.string())}
         for tag in p.tags:
-            results = call_in_chunks(texts, lambda chunk, tag=tag: tag_instructions(backend, tag, chunk, p.max_tokens),
-                                     p.chunk_size, progress=f"magpie_tag {tag}: tagged")
+            if tag == "language":  # a library, no model
+                results = detect_languages(texts)
+            else:
+                results = call_in_chunks(texts, lambda chunk, tag=tag: tag_instructions(backend, tag, chunk, p.max_tokens),
+                                         p.chunk_size, progress=f"magpie_tag {tag}: tagged")
             columns[f"magpie_{tag}"] = pa.array([r.label for r in results], pa.string())
             columns[f"magpie_{tag}_failure"] = pa.array([r.failure for r in results], pa.string())
             if tag == "task_category":
                 columns["magpie_other_tags"] = pa.array(
                     [r.fields.get("other_tags") if r.label else None for r in results], pa.list_(pa.string()))
-        columns["magpie_tagger"] = pa.array([backend.identity] * rows.num_rows, pa.string())
+        tagger = backend.identity if backend is not None else None
+        columns["magpie_tagger"] = pa.array([tagger] * rows.num_rows, pa.string())
         return StageOutput(attributes=pa.table(columns))
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:

@@ -56,3 +56,12 @@ def test_a_real_small_tagger_gives_a_label_or_a_reason_for_every_row():
             assert (r.label is None) != (r.failure is None)
             assert r.label is None or r.label in TASKS[task].labels
             assert r.failure in (None, FAIL_UNPARSABLE, FAIL_MISSING, FAIL_INVALID)
+
+
+@pytest.mark.slow
+def test_language_comes_from_lingua_with_a_reason_when_undetected():
+    from thresher.generators.magpie_tags import FAIL_LANGUAGE, detect_languages
+
+    results = detect_languages(["How do I reverse a list in Python?", "¿Dónde está la biblioteca?", "写一首关于秋天的诗", "1234 5678"])
+    assert [r.label for r in results[:3]] == ["en", "es", "zh"]
+    assert (results[3].label, results[3].failure) == (None, FAIL_LANGUAGE)
