@@ -71,7 +71,8 @@ def test_model_stage_params_share_one_base_and_keep_their_cache_keys():
     from thresher.flows.stage import ModelStageParams
 
     with_models = sorted(n for n in STAGES if issubclass(stage_class(n).Params, ModelStageParams))
-    assert with_models == ["clear", "clear_correct", "deita_complexity", "deita_embed", "deita_quality", "grape"]
+    assert with_models == ["clear", "clear_correct", "deita_complexity", "deita_embed", "deita_quality", "grape",
+                           "magpie_dedup", "magpie_tag"]
     for name in with_models:
         a = parse_config({"stages": [{"stage": name, "request_cache": False, "request_cache_path": "/tmp/x.sqlite"}]})
         b = parse_config({"stages": [{"stage": name}]})

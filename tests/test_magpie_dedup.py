@@ -17,6 +17,7 @@ INSTRUCTIONS = [
     "How do I reverse a list in Python ?",      # a near-duplicate of row 0
     "how do i reverse a list in python?",       # another one (cosine 1 after the model's lowercasing)
     "What is the capital of Australia?",
+    "12345 67890",                              # no language lingua can place
 ]
 
 
@@ -46,7 +47,7 @@ def test_near_duplicate_instructions_keep_the_first_in_corpus_order():
     assert all(r["reason"] == "magpie_near_duplicate" and r["kept_row_id"] == ids[0] and r["value"] >= 0.975
                for r in rejected.values())
     attrs = {r["row_id"]: r for r in out.attributes.to_pylist()}
-    assert [attrs[i]["repeat_count"] for i in ids] == [3, 1, 3, 3, 1]
+    assert [attrs[i]["repeat_count"] for i in ids] == [3, 1, 3, 3, 1, 1]
     assert attrs[ids[0]]["min_neighbor_distance"] < 0.05 < attrs[ids[1]]["min_neighbor_distance"]
 
 
@@ -63,18 +64,21 @@ def test_magpie_tag_and_dedup_in_a_flow(tmp_path):
     manifest = execute(parse_config({
         "name": "magpie-stages", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
         "stages": [{"stage": "validate"},
-                   {"stage": "magpie_tag", "tags": ["input_quality"], "max_tokens": 48, "request_cache": False},
+                   {"stage": "magpie_tag", "tags": ["input_quality", "language"], "max_tokens": 48,
+                    "request_cache": False},
                    {"stage": "magpie_dedup", "request_cache": False}],
     }), show_progress=False)
     c = manifest["counts"]
-    assert c["input"] == 5 == c["output"] + c["rejected"] and c["rejected_by_reason"] == {"magpie_near_duplicate": 2}
+    assert c["input"] == 6 == c["output"] + c["rejected"] and c["rejected_by_reason"] == {"magpie_near_duplicate": 2}
     data = pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
-    assert [r["messages"][0]["content"] for r in data] == [INSTRUCTIONS[i] for i in (0, 1, 4)]
+    assert [r["messages"][0]["content"] for r in data] == [INSTRUCTIONS[i] for i in (0, 1, 4, 5)]
     attrs = pq.read_table(sorted((out / "attributes").glob("*.parquet"))).to_pylist()
-    assert len(attrs) == 3
+    assert len(attrs) == 4
     for a in attrs:
         assert (a["magpie_input_quality"] is None) != (a["magpie_input_quality_failure"] is None)
         assert a["repeat_count"] >= 1 and a["magpie_tagger"].startswith("hf:embedded:smollm2-135m-instruct@")
+    languages = {a["row_id"]: (a["magpie_language"], a["magpie_language_failure"]) for a in attrs}
+    assert sorted(languages.values(), key=str) == [("en", None)] * 3 + [(None, "language_undetected")]  # lingua
     summary = manifest["summaries"]["magpie_tag"]
-    assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 3
+    assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 4
     assert "no reward model" in summary["reward"] and "input_quality failures" in (out / "report.md").read_text()

@@ -45,23 +45,15 @@ def test_difficulty_and_task_category_answers():
 
 @pytest.mark.slow
 def test_a_real_small_tagger_gives_a_label_or_a_reason_for_every_row():
+    """SmolLM2-135M as the tagger (it mostly echoes the placeholders): difficulty and task_category here,
+    input_quality and language through the flow (tests/test_magpie_dedup.py)."""
     from thresher.generators.registry import load_model
 
     tagger = load_model("embedded:smollm2-135m-instruct", cache=False)
-    instructions = ["How do I reverse a list in Python?", "asdf qwer zxcv"]
-    for task in TASKS:
-        results = tag_instructions(tagger, task, instructions, max_tokens=64)
-        assert len(results) == len(instructions)
+    for task in ("difficulty", "task_category"):
+        results = tag_instructions(tagger, task, ["How do I reverse a list in Python?", "asdf qwer zxcv"], max_tokens=64)
+        assert len(results) == 2
         for r in results:
             assert (r.label is None) != (r.failure is None)
             assert r.label is None or r.label in TASKS[task].labels
             assert r.failure in (None, FAIL_UNPARSABLE, FAIL_MISSING, FAIL_INVALID)
-
-
-@pytest.mark.slow
-def test_language_comes_from_lingua_with_a_reason_when_undetected():
-    from thresher.generators.magpie_tags import FAIL_LANGUAGE, detect_languages
-
-    results = detect_languages(["How do I reverse a list in Python?", "¿Dónde está la biblioteca?", "写一首关于秋天的诗", "1234 5678"])
-    assert [r.label for r in results[:3]] == ["en", "es", "zh"]
-    assert (results[3].label, results[3].failure) == (None, FAIL_LANGUAGE)
