@@ -64,7 +64,7 @@ def test_magpie_tag_and_dedup_in_a_flow(tmp_path):
     manifest = execute(parse_config({
         "name": "magpie-stages", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
         "stages": [{"stage": "validate"},
-                   {"stage": "magpie_tag", "tags": ["input_quality", "language"], "max_tokens": 48,
+                   {"stage": "magpie_tag", "tags": ["input_quality", "language"], "max_tokens": 24,
                     "request_cache": False},
                    {"stage": "magpie_dedup", "request_cache": False}],
     }), show_progress=False)

@@ -204,7 +204,7 @@ def grape_flow(inputs, out, cache):
 
     return parse_config({
         "name": "grape-vllm", "inputs": [str(p) for p in inputs], "out": str(out),
-        "shard_rows": 18, "execution": {"workers": 1},
+        "shard_rows": 9, "execution": {"workers": 1},
         "stages": [
             {"stage": "validate"},
             {"stage": "grape", "model": {"name": SMOL, "backend": "vllm", "max_model_len": 1024, "kv_cache_gb": 0.5},
@@ -225,11 +225,11 @@ def test_grape_flow_with_backend_vllm_selects_what_hf_selects(tmp_path, shared_d
     from thresher.schemas.records import records_table
     from thresher.selectors.grape import GrapeParams, GrapeStage
 
-    sample = write_sample(tmp_path / "sample", shared_data, 4)
+    sample = write_sample(tmp_path / "sample", shared_data, 2)
     run = execute(grape_flow(sample, tmp_path / "vllm", tmp_path / "requests.sqlite"), show_progress=False)
     assert run["shards"]["count"] == 2
-    assert run["counts"]["input"] == 36 and run["counts"]["output"] == 4
-    assert run["counts"]["rejected_by_reason"] == {"grape_not_best": 32}
+    assert run["counts"]["input"] == 18 and run["counts"]["output"] == 2
+    assert run["counts"]["rejected_by_reason"] == {"grape_not_best": 16}
     assert_loaded_once_released_in_turn(run, [SMOL])
     assert {e["backend"] for e in run["model_lifecycle"]} == {"vllm"}
 
