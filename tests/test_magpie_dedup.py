@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -52,9 +53,34 @@ def test_near_duplicate_instructions_keep_the_first_in_corpus_order():
 
 
 @pytest.mark.slow
-def test_magpie_tag_and_dedup_in_a_flow(tmp_path):
-    """validate -> magpie_tag -> magpie_dedup through the flow: every row tagged or given a tag-failure
-    reason, near-duplicates out, counts reconciled, tag distributions in the report."""
+def test_magpie_tag_gives_every_row_a_label_or_a_reason_for_every_tag():
+    """SmolLM2-135M as the tagger (it mostly echoes the placeholders: a garbage-answering tagger) and
+    lingua for the language: nothing crashes, no tag is null without a reason, the summary counts them."""
+    from thresher.generators.magpie_tags import TASKS
+    from thresher.selectors.magpie_tag import MagpieTagParams, MagpieTagStage
+
+    rows = records_table(make_record([{"role": "user", "content": q}, {"role": "assistant", "content": "a"}],
+                                     "m/magpie.jsonl", i) for i, q in enumerate(INSTRUCTIONS[i] for i in (0, 1, 5)))
+    stage = MagpieTagStage(MagpieTagParams(max_tokens=24, request_cache=False))
+    attrs = stage.process(rows).attributes.to_pylist()
+    assert len(attrs) == 3
+    for a in attrs:
+        for tag in ("input_quality", "difficulty", "task_category"):
+            assert (a[f"magpie_{tag}"] is None) != (a[f"magpie_{tag}_failure"] is None)
+            assert a[f"magpie_{tag}"] in (None, *TASKS[tag].labels)
+        assert a["magpie_tagger"].startswith("hf:embedded:smollm2-135m-instruct@")
+    assert [(a["magpie_language"], a["magpie_language_failure"]) for a in attrs] == \
+        [("en", None), ("en", None), (None, "language_undetected")]
+    kept = rows.append_column("magpie_input_quality", pa.array([a["magpie_input_quality"] for a in attrs], pa.string()))
+    kept = kept.append_column("magpie_input_quality_failure",
+                              pa.array([a["magpie_input_quality_failure"] for a in attrs], pa.string()))
+    summary = stage.summarize(kept, rows.slice(0, 0))
+    assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 3
+    assert "no reward model" in summary["reward"]
+
+
+@pytest.mark.slow
+def test_magpie_dedup_in_a_flow_reconciles(tmp_path):
     from thresher.flows.curate import execute
     from thresher.flows.registry import parse_config
 
@@ -62,23 +88,11 @@ def test_magpie_tag_and_dedup_in_a_flow(tmp_path):
     src.write_text("".join(json.dumps({"instruction": q, "output": "a"}) + "\n" for q in INSTRUCTIONS))
     out = tmp_path / "out"
     manifest = execute(parse_config({
-        "name": "magpie-stages", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
-        "stages": [{"stage": "validate"},
-                   {"stage": "magpie_tag", "tags": ["input_quality", "language"], "max_tokens": 24,
-                    "request_cache": False},
-                   {"stage": "magpie_dedup", "request_cache": False}],
+        "name": "magpie-dedup", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
+        "stages": [{"stage": "validate"}, {"stage": "magpie_dedup", "request_cache": False}],
     }), show_progress=False)
     c = manifest["counts"]
     assert c["input"] == 6 == c["output"] + c["rejected"] and c["rejected_by_reason"] == {"magpie_near_duplicate": 2}
     data = pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
     assert [r["messages"][0]["content"] for r in data] == [INSTRUCTIONS[i] for i in (0, 1, 4, 5)]
-    attrs = pq.read_table(sorted((out / "attributes").glob("*.parquet"))).to_pylist()
-    assert len(attrs) == 4
-    for a in attrs:
-        assert (a["magpie_input_quality"] is None) != (a["magpie_input_quality_failure"] is None)
-        assert a["repeat_count"] >= 1 and a["magpie_tagger"].startswith("hf:embedded:smollm2-135m-instruct@")
-    languages = {a["row_id"]: (a["magpie_language"], a["magpie_language_failure"]) for a in attrs}
-    assert sorted(languages.values(), key=str) == [("en", None)] * 3 + [(None, "language_undetected")]  # lingua
-    summary = manifest["summaries"]["magpie_tag"]
-    assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 4
-    assert "no reward model" in summary["reward"] and "input_quality failures" in (out / "report.md").read_text()
+    assert all(a["repeat_count"] >= 1 for a in pq.read_table(sorted((out / "attributes").glob("*.parquet"))).to_pylist())
