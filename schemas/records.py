@@ -107,6 +107,11 @@ def split_response(messages: Sequence[dict[str, str]]) -> tuple[list[dict[str, s
     return list(messages[:-1]), messages[-1]["content"]
 
 
+def first_user_turn(messages: Sequence[dict[str, str]]) -> str:
+    """A row's instruction: its first user turn ("" when it has none)."""
+    return next((m["content"] for m in messages if m["role"] == "user"), "")
+
+
 def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The conversation up to (not including) its final assistant turn (all of it when there is none)."""
     split = split_response(messages)

@@ -23,10 +23,10 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from thresher.filters.magpie_dedup import first_user_turn
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
 from thresher.generators.magpie_tags import detect_languages, tag_instructions
 from thresher.schemas.model_config import ModelConfig
+from thresher.schemas.records import first_user_turn
 from thresher.selectors.chunked import call_in_chunks
 
 TagName = Literal["input_quality", "difficulty", "task_category", "language"]
