@@ -93,8 +93,10 @@ def _fail(err: BaseException, debug: bool) -> None:
 def _finish(manifest: dict, out: str) -> None:
     c = manifest["counts"]
     reasons = ", ".join(f"{r}={n}" for r, n in c["rejected_by_reason"].items()) or "none"
+    created = f" + {c['created']} created" if c.get("created") else ""
+    replaced = f" + {c['replaced']} replaced" if c.get("replaced") else ""
     typer.echo(
-        f"{c['input']} rows in -> {c['output']} out + {c['rejected']} rejected ({reasons})\n"
+        f"{c['input']} rows in{created} -> {c['output']} out + {c['rejected']} rejected ({reasons}){replaced}\n"
         f"wrote {out}/data, {out}/rejected, {out}/manifest.json, {out}/report.md"
     )
 

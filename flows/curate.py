@@ -33,7 +33,7 @@ from thresher.flows.manifest import build_manifest
 from thresher.flows.model_lifecycle import (
     model_events_everywhere, model_keys, release_models_everywhere, stage_models,
 )
-from thresher.flows.registry import build_stage, load_config, parse_config, stage_class
+from thresher.flows.registry import load_config, parse_config, source_entries, stage_class
 from thresher.flows.store import Store
 from thresher.generators.registry import MEMORY_BUDGET_ENV
 from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry
@@ -50,6 +50,11 @@ def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
 @task(name="shard", cache_policy=NO_CACHE)
 def shard_task(ingested: list[dict], shard_rows: int, store_root: str) -> dict[str, Any]:
     return pipeline.make_shards(ingested, shard_rows, store_root)
+
+
+@task(name="source", cache_policy=NO_CACHE, retry_delay_seconds=1)
+def source_task(entry: StageEntry, task_spec: dict, store_root: str) -> dict[str, Any]:
+    return pipeline.run_source_task(entry, task_spec, store_root)
 
 
 @task(name="stage-on-shard", cache_policy=NO_CACHE, retry_delay_seconds=1)
@@ -100,7 +105,7 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     started = time.perf_counter()
     config = parse_config(config_data)
     store_root = store_root_of(config)
-    paths = [str(p) for p in discover_inputs(config.inputs)]
+    paths = [str(p) for p in discover_inputs(config.inputs)] if config.inputs else []
 
     ingest_futures = [ingest_task.submit(p, config.ingest, store_root) for p in paths]
     ingested = _progress(ingest_futures, "ingest", show_progress)
@@ -110,12 +115,18 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     stage_runs: list[list[dict]] = []
     for position, entry in enumerate(config.stages):
         kind = stage_class(entry.stage).kind
-        if kind == "global":
+        if kind == "source":  # each task's rows start a shard of their own
+            futures = [_submit(source_task, entry, t, store_root) for t in pipeline.source_tasks(entry)]
+            made = _progress(futures, entry.stage, show_progress)
+            stage_runs.append([s["run"] for s in made])
+            states = [*states, *({**s, "index": len(states) + i} for i, s in enumerate(made))]
+        elif kind == "global":
             states = _progress([_submit(global_stage_task, entry, states, store_root)], entry.stage, show_progress)[0]
         else:
             futures = [_submit(shard_stage_task, entry, s, store_root) for s in states]
             states = _progress(futures, entry.stage, show_progress)
-        stage_runs.append([s["run"] for s in states])
+        if kind != "source":
+            stage_runs.append([s["run"] for s in states])
         if stage_models(entry):  # the stage is over: its models leave the workers
             following = config.stages[position + 1] if position + 1 < len(config.stages) else None
             release_models_task.submit(model_keys(following)).result()
@@ -124,12 +135,11 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
 
     store = Store(store_root)
     kept = pipeline.collect_output(states, store)
-    for entry in config.stages:
-        kept = build_stage(entry).finalize_output(kept)
     rejected = pipeline.collect_rejected(ingested, sharding, states, store)
+    replaced = pipeline.collect_replaced(states, store)
     out = Path(config.out)
-    files = write_outputs(out, kept, rejected, config.output.rows_per_file)
-    manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, files,
+    files = write_outputs(out, kept, rejected, replaced, config.output.rows_per_file)
+    manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, replaced, files,
                               seconds=time.perf_counter() - started)
     manifest["model_lifecycle"] = model_events
     write_json_atomic(out / "manifest.json", manifest)
@@ -223,8 +233,9 @@ def apply_overrides(
         config.execution.dask_address = dask_address
     if workers:
         config.execution.workers = workers
-    if not config.inputs:
-        raise ValueError("no inputs: give them in the config ('inputs:') or with --input")
+    if not config.inputs and not source_entries(config):
+        raise ValueError("no inputs: give them in the config ('inputs:') or with --input, "
+                         "or begin the stages with a source stage (e.g. magpie)")
     if not config.out:
         raise ValueError("no output folder: give it in the config ('out:') or with --out")
     return config

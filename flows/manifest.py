@@ -1,7 +1,9 @@
 """The run manifest: counts that reconcile, per stage and reason, plus config, versions, timings.
 
-``counts.input == counts.output + counts.rejected`` always; :func:`build_manifest`
-raises :class:`ReconciliationError` if a run ever breaks that (a bug, never data).
+``counts.input + counts.created == counts.output + counts.rejected + counts.replaced``
+always (rows read + rows stages created = rows out + rows rejected + rows replaced), and
+per stage ``in + created == out + rejected + replaced``; :func:`build_manifest` raises
+:class:`ReconciliationError` if a run ever breaks that (a bug, never data).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ VERSIONED_PACKAGES = (
 
 
 class ReconciliationError(RuntimeError):
-    """Rows in != rows out + rows rejected: something was lost or duplicated."""
+    """Rows in + created != rows out + rejected + replaced: something was lost or duplicated."""
 
 
 def package_versions() -> dict[str, str]:
@@ -56,11 +58,15 @@ def _stage_counts(config: PipelineConfig, stage_runs: list[list[dict]]) -> list[
         unique = list({r["key"]: r for r in runs}.values())  # a global stage has one run
         n_in = sum(r["in"] for r in unique)
         n_rejected = sum(r["rejected"] for r in unique)
+        n_created = sum(r.get("created", 0) for r in unique)  # results stored before rows were created lack it
+        n_replaced = sum(r.get("replaced", 0) for r in unique)
         out.append({
             "stage": entry.stage,
             "in": n_in,
+            "created": n_created,
             "rejected": n_rejected,
-            "out": n_in - n_rejected,
+            "replaced": n_replaced,
+            "out": n_in + n_created - n_rejected - n_replaced,
             "computed": sum(not r["cached"] for r in unique),
             "cached": sum(bool(r["cached"]) for r in unique),
             "seconds": round(sum(r["seconds"] for r in unique if not r["cached"]), 3),
@@ -79,6 +85,27 @@ def _summaries(config: PipelineConfig, kept: pa.Table, rejected: pa.Table) -> di
     return out
 
 
+def reconcile(counts: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    """Raise :class:`ReconciliationError` unless rows read + created = out + rejected + replaced,
+    for the run and for every stage's own rows (``rejected_by_stage`` against its tasks' counts)."""
+    left = counts["input"] + counts["created"]
+    right = counts["output"] + counts["rejected"] + counts["replaced"]
+    if left != right:
+        raise ReconciliationError(
+            f"rows read ({counts['input']}) + created ({counts['created']}) != rows out ({counts['output']}) "
+            f"+ rejected ({counts['rejected']}) + replaced ({counts['replaced']})")
+    for kind in ("rejected", "replaced"):
+        by_stage: Counter = Counter()
+        for s in stages:
+            by_stage[s["stage"]] += s[kind]
+        on_file = counts[f"{kind}_by_stage"]
+        for name, n in by_stage.items():
+            if on_file.get(name, 0) != n:
+                raise ReconciliationError(f"stage {name}: its tasks {kind} {n} rows, {on_file.get(name, 0)} are in {kind}/")
+    if stages and stages[-1]["out"] != counts["output"]:
+        raise ReconciliationError(f"the last stage passed on {stages[-1]['out']} rows, the output has {counts['output']}")
+
+
 def build_manifest(
     config: PipelineConfig,
     ingested: list[dict],
@@ -86,24 +113,27 @@ def build_manifest(
     stage_runs: list[list[dict]],
     kept: pa.Table,
     rejected: pa.Table,
+    replaced: pa.Table,
     files: dict[str, list[str]],
     seconds: float,
 ) -> dict[str, Any]:
     n_input = sum(i["records"] + i["rejected"] for i in ingested)
+    stages = _stage_counts(config, stage_runs)
     by_reason = Counter(rejected["reason"].to_pylist())
     by_stage = Counter(rejected["stage"].to_pylist())
     counts = {
         "input": n_input,
+        "created": sum(s["created"] for s in stages),
         "output": kept.num_rows,
         "rejected": rejected.num_rows,
+        "replaced": replaced.num_rows,
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "rejected_by_stage": dict(by_stage),
+        "created_by_stage": {s["stage"]: s["created"] for s in stages if s["created"]},
+        "replaced_by_stage": dict(Counter(replaced["replaced_by"].to_pylist())),
         "groups_output": len(set(kept["group_id"].to_pylist())),
     }
-    if counts["input"] != counts["output"] + counts["rejected"]:
-        raise ReconciliationError(
-            f"rows in ({counts['input']}) != rows out ({counts['output']}) + rejected ({counts['rejected']})"
-        )
+    reconcile(counts, stages)
     return {
         "name": config.name,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -114,7 +144,7 @@ def build_manifest(
         ],
         "shards": {"count": len(sharding["shards"]), "shard_rows": config.shard_rows,
                    "cached": bool(sharding.get("cached"))},
-        "stages": _stage_counts(config, stage_runs),
+        "stages": stages,
         "summaries": _summaries(config, kept, rejected),
         "models": _models(config),
         "config": config.to_dict(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +33,7 @@ from thresher.schemas.readers import (
     INGEST_STAGE, READER_VERSION, UnreadableFileError, read_file, source_name,
 )
 from thresher.schemas.records import (
-    REJECTED_SCHEMA, REJECTION_FIELDS, conform, make_rejected, records_table, rejected_table,
+    RECORD_SCHEMA, REJECTED_SCHEMA, REJECTION_FIELDS, conform, make_rejected, records_table, rejected_table,
 )
 
 SHARDING_VERSION = "1"
@@ -156,16 +156,62 @@ def _join_attributes(rows: pa.Table, attributes: pa.Table) -> pa.Table:
     return rows
 
 
+def base_rows(state: dict[str, Any], store: Store) -> pa.Table:
+    """The rows a shard started from: read from the inputs, or none (a source stage's shard)."""
+    if state["base"] is None:
+        return records_table([])
+    return conform(store.read_table("shards", state["base"], "records"), RECORD_SCHEMA)
+
+
+def _layer_tables(stage: str, key: str, store: Store) -> dict[str, pa.Table | None]:
+    return {name: store.read_table(stage, key, name) for name in ("rejected", "replaced", "created", "attributes")}
+
+
+def _ids(table: pa.Table | None) -> set[str]:
+    return set(table["row_id"].to_pylist()) if table is not None and table.num_rows else set()
+
+
+def apply_layer(rows: pa.Table, layer: dict[str, pa.Table | None],
+                unplaced: Literal["all", "parentless", "none"] = "all") -> pa.Table:
+    """``rows`` after one stage: its created rows in, its rejected and replaced rows out, its attributes on.
+
+    A created row takes its parent's place (right after the parent when the parent
+    stays). The others go last, in the order made: ``all`` of them for a per-shard
+    stage; a global stage's rows belong to the shard of their parent, so a shard takes
+    only those made from nothing (``parentless``, the last shard) or ``none``.
+    """
+    created = layer["created"]
+    if created is not None and created.num_rows:
+        created = conform(created, RECORD_SCHEMA)
+        row_ids = rows["row_id"].to_pylist()
+        present = set(row_ids)
+        children: dict[str | None, list[int]] = {}
+        for j, parent in enumerate(created["parent_row_id"].to_pylist()):
+            if parent in present:
+                children.setdefault(parent, []).append(j)
+            elif unplaced == "all" or (unplaced == "parentless" and parent is None):
+                children.setdefault(None, []).append(j)
+        order = []
+        for i, rid in enumerate(row_ids):
+            order.append(i)
+            order.extend(len(row_ids) + j for j in children.get(rid, ()))
+        order.extend(len(row_ids) + j for j in children.get(None, ()))
+        rows = pa.concat_tables([rows, created], promote_options="default").take(pa.array(order, pa.int64()))
+    gone = _ids(layer["rejected"]) | _ids(layer["replaced"])
+    if gone:
+        rows = rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=pa.array(sorted(gone), pa.string()))))
+    if layer["attributes"] is not None:
+        rows = _join_attributes(rows, layer["attributes"])
+    return rows
+
+
 def shard_view(state: dict[str, Any], store: Store) -> pa.Table:
-    """The shard's surviving rows with every attribute written so far."""
-    rows = store.read_table("shards", state["base"], "records")
+    """The shard's surviving rows (read and created) with every attribute written so far."""
+    rows = base_rows(state, store)
+    owned = state.get("global_layers", {})  # a global layer's key -> whether this shard is the last
     for stage, key in state["layers"]:
-        rejected = store.read_table(stage, key, "rejected")
-        if rejected is not None and rejected.num_rows:
-            rows = rows.filter(pc.invert(pc.is_in(rows["row_id"], value_set=rejected["row_id"])))
-        attributes = store.read_table(stage, key, "attributes")
-        if attributes is not None:
-            rows = _join_attributes(rows, attributes)
+        unplaced = "all" if key not in owned else "parentless" if owned[key] else "none"
+        rows = apply_layer(rows, _layer_tables(stage, key, store), unplaced)
     return rows
 
 
@@ -183,22 +229,55 @@ def _worker_address() -> str | None:
         return None
 
 
-def _run_stage(stage, rows: pa.Table, store: Store, key: str) -> dict[str, Any]:
+def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None) -> dict[str, Any]:
+    """Run ``stage`` on ``rows`` (a source stage: make ``task``'s rows) and store the result under ``key``."""
     if store.is_done(stage.name, key):
         return {**store.read_info(stage.name, key), "cached": True}
-    stage.check_columns(rows)
+    if rows is not None:
+        stage.check_columns(rows)
     started = time.perf_counter()
     from thresher.generators.registry import model_scope
 
     with model_scope():  # the stage's models stay loaded for as long as this task runs
-        output = stage.process(rows)
+        output = stage.process(rows) if rows is not None else stage.create(task)
+    return _store_output(stage, key, output, rows.num_rows if rows is not None else 0, started, store)
+
+
+def _store_output(stage, key: str, output, n_in: int, started: float, store: Store) -> dict[str, Any]:
     info = {
-        "stage": stage.name, "key": key, "in": rows.num_rows, "rejected": len(output.rejected),
+        "stage": stage.name, "key": key, "in": n_in, "rejected": len(output.rejected),
+        "created": len(output.created), "replaced": len(output.replaced),
         "seconds": round(time.perf_counter() - started, 3), "worker": _worker_address(),
         "pid": os.getpid(),
     }
-    store.write(stage.name, key, {"attributes": output.attributes, "rejected": output.rejected_table()}, info)
+    tables = {"attributes": output.attributes, "rejected": output.rejected_table()}
+    if output.created:
+        tables["created"] = output.created_table()
+    if output.replaced:
+        tables["replaced"] = output.replaced_table()
+    store.write(stage.name, key, tables, info)
     return {**info, "cached": False}
+
+
+def source_tasks(entry: StageEntry) -> list[dict[str, Any]]:
+    """The tasks of a source stage, as plain dicts (they travel to Dask workers)."""
+    return [vars(t) for t in build_stage(entry).tasks()]
+
+
+def run_source_task(entry: StageEntry, task: dict[str, Any], store_root: str) -> dict[str, Any]:
+    """Make one source task's rows (or reuse them); they start a shard of their own."""
+    from thresher.flows.stage import SourceTask
+
+    store = Store(store_root)
+    stage = build_stage(entry)
+    source_task = SourceTask(**task)
+    key = digest({"source": stage.task_identity(source_task)})
+    if store.is_done(stage.name, key):
+        run = {**store.read_info(stage.name, key), "cached": True}
+    else:
+        run = _run_stage(stage, None, store, key, task=source_task)
+    out = run["created"] - run["rejected"]
+    return {"index": task["index"], "key": key, "base": None, "layers": [[stage.name, key]], "rows": out, "run": run}
 
 
 def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -> dict[str, Any]:
@@ -225,44 +304,73 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         rows = pa.concat_tables(views, promote_options="default") if views else records_table([])
         run = _run_stage(stage, rows, store, key)
     return [
-        {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run}
-        for s in states
+        {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run,
+         "global_layers": {**s.get("global_layers", {}), key: i == len(states) - 1}}
+        for i, s in enumerate(states)
     ]
 
 
 # --------------------------------------------------------------------------- collecting results
 
 
+def _layers(states: list[dict]) -> list[tuple[str, str]]:
+    """Every (stage, key) layer of the run, once each, in the order first met."""
+    return list(dict.fromkeys((stage, key) for state in states for stage, key in state["layers"]))
+
+
+def all_rows(states: list[dict], store: Store) -> pa.Table:
+    """Every row the run had at some point: the shards' base rows and every stage's created rows."""
+    parts = [base_rows(s, store) for s in states if s["base"] is not None]
+    for stage, key in _layers(states):
+        created = store.read_table(stage, key, "created")
+        if created is not None and created.num_rows:
+            parts.append(conform(created, RECORD_SCHEMA))
+    return pa.concat_tables(parts) if parts else records_table([])
+
+
 def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store) -> pa.Table:
     """Every rejected row of the run: its source, row, stage, rejection columns and raw text."""
     parts = [store.read_table(INGEST_STAGE, i["key"], "rejected") for i in sorted(ingested, key=lambda x: x["path"])]
-    parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
-    bases = [store.read_table("shards", s["base"], "records") for s in states]
-    corpus = pa.concat_tables(bases) if bases else records_table([])
+    if sharding.get("key"):
+        parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
+    corpus = all_rows(states, store)
     by_id = {rid: i for i, rid in enumerate(corpus["row_id"].to_pylist())}
-    seen_layers: set[tuple[str, str]] = set()
-    for state in states:
-        for stage, key in state["layers"]:
-            if (stage, key) in seen_layers:
-                continue
-            seen_layers.add((stage, key))
-            table = store.read_table(stage, key, "rejected")
-            if table is None or not table.num_rows:
-                continue
-            table = conform_rejected(table)
-            positions = [by_id[r] for r in table["row_id"].to_pylist()]
-            base = corpus.take(positions)
-            parts.append(pa.table({
-                "row_id": table["row_id"],
-                "source": base["source"],
-                "source_row": base["source_row"],
-                "candidate": base["candidate"],
-                "stage": pa.array([stage] * table.num_rows, pa.string()),
-                **{f.name: table[f.name] for f in REJECTION_FIELDS},
-                "raw": pa.array([_raw(m) for m in base["messages"].to_pylist()], pa.string()),
-            }, schema=REJECTED_SCHEMA))
+    for stage, key in _layers(states):
+        table = store.read_table(stage, key, "rejected")
+        if table is None or not table.num_rows:
+            continue
+        table = conform_rejected(table)
+        base = corpus.take([by_id[r] for r in table["row_id"].to_pylist()])
+        parts.append(pa.table({
+            "row_id": table["row_id"],
+            "source": base["source"],
+            "source_row": base["source_row"],
+            "candidate": base["candidate"],
+            "stage": pa.array([stage] * table.num_rows, pa.string()),
+            **{f.name: table[f.name] for f in REJECTION_FIELDS},
+            "raw": pa.array([_raw(m) for m in base["messages"].to_pylist()], pa.string()),
+        }, schema=REJECTED_SCHEMA))
     parts = [conform(p, REJECTED_SCHEMA) for p in parts if p is not None]  # conform: results stored by older versions
     return pa.concat_tables(parts) if parts else rejected_table([])
+
+
+def collect_replaced(states: list[dict], store: Store) -> pa.Table:
+    """Every row a stage replaced with a row it created (the new row names it in ``parent_row_id``),
+    as it was, with the replacing stage in ``replaced_by``."""
+    corpus = all_rows(states, store)
+    by_id = {rid: i for i, rid in enumerate(corpus["row_id"].to_pylist())}
+    parts = []
+    for stage, key in _layers(states):
+        table = store.read_table(stage, key, "replaced")
+        if table is None or not table.num_rows:
+            continue
+        rows = corpus.take([by_id[r] for r in table["row_id"].to_pylist()])
+        parts.append(rows.append_column("replaced_by", pa.array([stage] * rows.num_rows, pa.string())))
+    return pa.concat_tables(parts) if parts else replaced_table()
+
+
+def replaced_table() -> pa.Table:
+    return records_table([]).append_column("replaced_by", pa.array([], pa.string()))
 
 
 def collect_output(states: list[dict], store: Store) -> pa.Table:

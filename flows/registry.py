@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from thresher.flows.stage import Stage, StageParams
-from thresher.schemas.config import PipelineConfig, StageEntry, load_config_file, validate_config
+from thresher.schemas.config import ConfigError, PipelineConfig, StageEntry, load_config_file, validate_config
 
 STAGES: dict[str, str] = {
     "validate": "thresher.filters.validate:ValidateStage",
@@ -59,11 +59,26 @@ def build_stage(entry: StageEntry) -> Stage:
     return stage_class(entry.stage)(entry.params)
 
 
+def source_entries(config: PipelineConfig) -> list[StageEntry]:
+    """The config's source stages (they come first: :func:`check_stage_order`)."""
+    return [e for e in config.stages if stage_class(e.stage).kind == "source"]
+
+
+def check_stage_order(config: PipelineConfig, origin: str = "config") -> PipelineConfig:
+    """Source stages (which make rows from nothing) must come before every stage that reads rows."""
+    kinds = [stage_class(e.stage).kind for e in config.stages]
+    for i, kind in enumerate(kinds):
+        if kind == "source" and any(k != "source" for k in kinds[:i]):
+            raise ConfigError(f"{origin}: stages[{i}] ({config.stages[i].stage}) makes rows from nothing; "
+                              "put it before the stages that read rows")
+    return config
+
+
 def parse_config(data: dict[str, Any], base_dir: Path | None = None, origin: str = "config") -> PipelineConfig:
     """Validate a config mapping, stages included; relative paths are resolved against ``base_dir``."""
-    return validate_config(data, stage_params, base_dir, origin)
+    return check_stage_order(validate_config(data, stage_params, base_dir, origin), origin)
 
 
 def load_config(path: str | Path) -> PipelineConfig:
     """Read and validate a YAML pipeline config, stages included (a clear ``ConfigError`` on any problem)."""
-    return load_config_file(path, stage_params)
+    return check_stage_order(load_config_file(path, stage_params), str(path))

@@ -11,6 +11,16 @@ attribute column earlier stages wrote — and returns a :class:`StageOutput`:
   ``code`` (a machine-readable sub-reason), ``detail`` (words, for people only),
   ``value`` (the number that decided it) and ``kept_row_id`` (the row it lost to).
   Anything code reads back goes in a typed column, never in ``detail``.
+- ``created``: new rows (:func:`thresher.schemas.records.make_created_record`, with
+  ``parent_row_id`` and ``origin``). Rows are immutable: a stage that writes new
+  content for a row (a response, a corrected response) creates a row and lists the
+  old one in ``replaced``. A created row takes its parent's place in corpus order
+  (right after it when the parent stays); ``attributes`` and ``rejected`` may name
+  created rows.
+
+A *source* stage (``kind = "source"``, :class:`SourceStage`) makes rows from nothing
+(Magpie's instructions): the run splits its ``count`` rows into tasks with their own
+seed ranges (:class:`SourceTask`), and each task's rows become a shard.
 
 Adding a stage is one small module: subclass :class:`Stage`, give it a
 ``Params`` model (:class:`ModelStageParams` when it runs a model), and name it in
@@ -30,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 from thresher.schemas.model_config import ModelConfig
-from thresher.schemas.records import REJECTION_FIELDS, conform
+from thresher.schemas.records import REJECTION_FIELDS, conform, records_table
 
 #: what a stage's ``rejected`` rows hold (the run adds source, candidate, stage and raw text)
 STAGE_REJECTED_SCHEMA = pa.schema([pa.field("row_id", pa.string()), *REJECTION_FIELDS])
@@ -105,10 +115,18 @@ def _semantic_value(value: Any) -> Any:
 
 @dataclass
 class StageOutput:
-    """What a stage produced for its input rows."""
+    """What a stage produced for its input rows (see the module docstring)."""
 
     attributes: pa.Table | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    created: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+
+    def created_table(self) -> pa.Table:
+        return records_table(self.created)
+
+    def replaced_table(self) -> pa.Table:
+        return pa.table({"row_id": pa.array(self.replaced, pa.string())})
 
     def rejected_table(self) -> pa.Table:
         """``rejected`` as a table of :data:`STAGE_REJECTED_SCHEMA` (an unknown key is an error)."""
@@ -130,7 +148,7 @@ class Stage(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
-    kind: ClassVar[Literal["shard", "global"]] = "shard"
+    kind: ClassVar[Literal["shard", "global", "source"]] = "shard"
     Params: ClassVar[type[StageParams]] = StageParams
     #: attribute columns this stage needs from earlier stages
     requires: ClassVar[tuple[str, ...]] = ()
@@ -148,14 +166,9 @@ class Stage(ABC):
     def process(self, rows: pa.Table) -> StageOutput:
         """Score, filter or select ``rows``; return attributes and/or rejections."""
 
-    def finalize_output(self, kept: pa.Table) -> pa.Table:
-        """The final output rows as the writer should write them (default: unchanged).
-
-        Stages never rewrite rows while the pipeline runs (their results are
-        attributes); a stage whose result *is* a rewrite, like CLEAR's
-        Auto-Correct, applies it here, once, on the joined output table.
-        """
-        return kept
+    def origin(self, model: str | None, sampling: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """The ``origin`` of a row this stage creates: stage, version, model identity, sampling."""
+        return {"stage": self.name, "version": self.version, "model": model, "sampling": sampling, **extra}
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         """Figures for the manifest and report once the run is over (optional).
@@ -174,3 +187,51 @@ class Stage(ABC):
                 f"stage '{self.name}' needs the attribute columns {missing}; "
                 "add the stage that writes them earlier in the pipeline"
             )
+
+
+@dataclass(frozen=True)
+class SourceTask:
+    """One task of a source stage: ``count`` rows, the ``first`` of which is row ``first`` of the stage.
+
+    Row ``i`` of the stage draws with seed ``params.seed + i``, so tasks own disjoint
+    seed ranges: a task's rows do not depend on which other tasks ran, or how often.
+    """
+
+    index: int
+    first: int
+    count: int
+
+
+class SourceParams(ModelStageParams):
+    """Parameters every source stage has: how many rows, in tasks of how many, from which seed."""
+
+    count: int = Field(ge=1, description="rows to make (before the stage's own rejections)")
+    rows_per_task: int = Field(64, ge=1, description="rows per task (a task's rows become one shard)")
+    seed: int = Field(0, ge=0, description="row i draws with seed + i: same seed, same rows")
+
+
+class SourceStage(Stage):
+    """A stage that makes rows from nothing; :meth:`create` makes one task's rows."""
+
+    kind = "source"
+    Params = SourceParams
+
+    def tasks(self) -> list[SourceTask]:
+        p: SourceParams = self.params
+        return [SourceTask(index=i, first=first, count=min(p.rows_per_task, p.count - first))
+                for i, first in enumerate(range(0, p.count, p.rows_per_task))]
+
+    def task_identity(self, task: SourceTask) -> dict[str, Any]:
+        """What decides one task's rows: the stage's identity but ``count``, and the task's seed range.
+
+        Raising ``count`` keeps every finished task (its key does not change)."""
+        identity = self.identity()
+        params = {k: v for k, v in identity["params"].items() if k != "count"}
+        return {**identity, "params": params, "first": task.first, "rows": task.count}
+
+    def process(self, rows: pa.Table) -> StageOutput:
+        raise TypeError(f"'{self.name}' is a source stage: it makes rows with create(task), it reads none")
+
+    @abstractmethod
+    def create(self, task: SourceTask) -> StageOutput:
+        """The rows of one task, as ``created`` (and ``rejected`` for created rows it rejects)."""

@@ -11,6 +11,14 @@ Every input row, whatever its format, becomes::
     source_row    int64    0-based position of the record in its file (JSONL: line)
     candidate     string   who wrote the response (a model name), when known
     meta          string   JSON object: the record's other fields, provenance
+    parent_row_id string   the row a stage made this one from (null: read from a file, or
+                           made from nothing by a source stage such as Magpie's)
+    origin        string   JSON object, for rows a stage created: the stage, the model's
+                           identity, the sampling parameters and seed (null for rows read)
+
+Rows are immutable. A stage that writes new content (a response, a corrected response)
+creates a new row with :func:`make_created_record`: its ``row_id`` and ``content_id``
+always describe what is in it, and ``parent_row_id`` + ``origin`` say where it came from.
 
 Rows that cannot be read, and rows a stage removes, go to the rejected table
 (:data:`REJECTED_SCHEMA`) with their reason and raw text; nothing is dropped silently.
@@ -41,6 +49,8 @@ RECORD_SCHEMA = pa.schema(
         ("source_row", pa.int64()),
         ("candidate", pa.string()),
         ("meta", pa.string()),
+        ("parent_row_id", pa.string()),
+        ("origin", pa.string()),
     ]
 )
 
@@ -145,7 +155,46 @@ def make_record(
         "source": source,
         "source_row": source_row,
         "candidate": candidate,
-        "meta": json.dumps(meta or {}, ensure_ascii=False, sort_keys=True, default=str),
+        "meta": _json(meta or {}),
+        "parent_row_id": None,
+        "origin": None,
+    }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def make_created_record(
+    messages: list[dict[str, str]],
+    origin: dict[str, Any],
+    parent: dict[str, Any] | None = None,
+    occurrence: int = 0,
+    candidate: str | None = None,
+) -> dict[str, Any]:
+    """A row a stage created: from ``parent`` (a record dict), or from nothing when it is None.
+
+    ``origin`` says how it was made (the stage, the model's identity, the sampling
+    parameters, the seed); ``occurrence`` tells apart rows with equal content made the
+    same way (a source stage passes the sample's index). The ``row_id`` is a digest
+    of the parent's id, the origin, the content and the occurrence, so the same run
+    makes the same ids. A row made from a parent keeps its ``source``, ``source_row``
+    and ``meta`` (where the data came from); a row made from nothing has the stage
+    as its source and ``occurrence`` as its source row.
+    """
+    origin_json = _json(origin)
+    parent_id = parent["row_id"] if parent is not None else None
+    return {
+        "row_id": _digest("created", parent_id or "", origin_json, _normalized_turns(messages), str(occurrence)),
+        "group_id": group_id(messages),
+        "content_id": content_id(messages),
+        "messages": messages,
+        "source": parent["source"] if parent is not None else str(origin.get("stage", "created")),
+        "source_row": parent["source_row"] if parent is not None else occurrence,
+        "candidate": candidate,
+        "meta": parent["meta"] if parent is not None else "{}",
+        "parent_row_id": parent_id,
+        "origin": origin_json,
     }
 
 

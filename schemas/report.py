@@ -26,6 +26,13 @@ def _summary_lines(name: str, summary: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _ledger(c: dict[str, Any]) -> str:
+    created, replaced = c.get("created", 0), c.get("replaced", 0)
+    left = f"{c['input']} rows read" + (f" + {created} created" if created else "")
+    right = f"{c['output']} rows out + {c['rejected']} rejected" + (f" + {replaced} replaced" if replaced else "")
+    return f"**{left} = {right}** ({c['groups_output']} groups in the output)."
+
+
 def render_report(manifest: dict[str, Any], out: Path) -> str:
     c = manifest["counts"]
     lines = [
@@ -33,8 +40,7 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
         "",
         f"Finished {manifest['finished_at']} in {manifest['timings']['total_seconds']} s.",
         "",
-        f"**{c['input']} rows in = {c['output']} rows out + {c['rejected']} rejected** "
-        f"({c['groups_output']} groups in the output).",
+        _ledger(c),
         "",
         "## Inputs",
         "",
@@ -43,15 +49,17 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
         "",
         "## Funnel",
         "",
-        *_table(["stage", "rows in", "rejected", "rows out", "tasks computed", "tasks reused", "seconds"],
-                [[s["stage"], s["in"], s["rejected"], s["out"], s["computed"], s["cached"], s["seconds"]]
-                 for s in manifest["stages"]]),
+        *_table(["stage", "rows in", "created", "rejected", "replaced", "rows out", "tasks computed",
+                 "tasks reused", "seconds"],
+                [[s["stage"], s["in"], s.get("created", 0), s["rejected"], s.get("replaced", 0), s["out"],
+                  s["computed"], s["cached"], s["seconds"]] for s in manifest["stages"]]),
         "",
         "## Rejected rows by reason",
         "",
         *_table(["reason", "rows"], [[r, n] for r, n in c["rejected_by_reason"].items()] or [["(none)", 0]]),
         "",
-        "The rejected rows, with their file, row, reason and raw text, are in `rejected/`.",
+        "The rejected rows, with their file, row, reason and raw text, are in `rejected/`; "
+        "rows a stage replaced with a row it created (the new row names it in `parent_row_id`) are in `replaced/`.",
         "",
     ]
     if manifest.get("summaries"):

@@ -2,10 +2,13 @@
 
 Layout of ``OUT/``::
 
-    data/part-00000.parquet        row_id, group_id, messages, source, source_row, candidate, meta
+    data/part-00000.parquet        row_id, group_id, content_id, messages, source, source_row, candidate,
+                                   meta, parent_row_id, origin (see schemas.records)
     attributes/part-00000.parquet  row_id + every attribute column stages wrote (kept rows)
     rejected/part-00000.parquet    row_id, source, source_row, candidate, stage, reason, code, detail,
                                    value, kept_row_id, raw (see schemas.records.REJECTION_FIELDS)
+    replaced/part-00000.parquet    the rows a stage replaced with a row it created (a response, a
+                                   corrected response), as they were, + replaced_by (the stage)
     manifest.json                  counts, config, versions, timings
     report.md                      the funnel, for people
 
@@ -28,7 +31,7 @@ import pyarrow.parquet as pq
 
 from thresher.schemas.records import RECORD_SCHEMA
 
-OUTPUT_FOLDERS = ("data", "attributes", "rejected")
+OUTPUT_FOLDERS = ("data", "attributes", "rejected", "replaced")
 
 
 def _write_parts(table: pa.Table, folder: Path, rows_per_file: int) -> list[str]:
@@ -49,8 +52,9 @@ def split_output(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     return data, rows.select(["row_id", *extra])
 
 
-def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, rows_per_file: int) -> dict[str, list[str]]:
-    """Write data/, attributes/ and rejected/ atomically (swap in whole folders)."""
+def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, replaced: pa.Table,
+                  rows_per_file: int) -> dict[str, list[str]]:
+    """Write data/, attributes/, rejected/ and replaced/ atomically (swap in whole folders)."""
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
     data, attributes = split_output(kept)
@@ -58,6 +62,7 @@ def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, rows_per_file: 
         "data": _write_parts(data, staging / "data", rows_per_file),
         "attributes": _write_parts(attributes, staging / "attributes", rows_per_file),
         "rejected": _write_parts(rejected, staging / "rejected", rows_per_file),
+        "replaced": _write_parts(replaced, staging / "replaced", rows_per_file),
     }
     for folder in OUTPUT_FOLDERS:
         target = out / folder

@@ -10,15 +10,16 @@ each other row:
    probability of that response's letter in the next-token distribution,
    renormalized over ``A``/``B``; it is averaged over both presentation orders to
    cancel the judge's position bias (a choice made here; the paper does not say);
-3. confidence > eta (0.8): action ``correct`` — the new response goes to
-   ``clear_corrected_response`` and the original to ``clear_original_response``;
-   else the row is rejected with reason ``clear_uncorrectable`` (value = the judge's
+3. confidence > eta (0.8): action ``correct`` — a new row is created, the prompt with the
+   new response, with the old row as its ``parent_row_id`` and the corrector and its
+   sampling as its ``origin``; the old row is *replaced* (it goes to ``OUT/replaced/``).
+   Else the row is rejected with reason ``clear_uncorrectable`` (value = the judge's
    confidence; action ``filter``).
 
-Stages never rewrite rows: the writer swaps ``clear_corrected_response`` into the
-final assistant turn of ``messages`` for rows whose ``clear_action == "correct"``,
-with :func:`apply_corrections` (one call on the joined output table, through
-:meth:`Stage.finalize_output`).
+Rows are immutable, so a corrected row's ``row_id`` and ``content_id`` are those of its new
+content, and every later stage scores the new response. The new row's attributes say what
+happened: ``clear_action = correct``, ``clear_original_response`` (the old response),
+``clear_correction_confidence``; the rows kept as they are have ``clear_action = keep``.
 """
 
 from __future__ import annotations
@@ -32,35 +33,12 @@ from pydantic import Field
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field
 from thresher.generators.base import ModelBackend, SamplingParams, restrict_logprobs
 from thresher.schemas.model_config import ModelConfig
-from thresher.schemas.records import MESSAGES_TYPE, split_response
+from thresher.schemas.records import RECORD_SCHEMA, make_created_record
 from thresher.selectors.clear import DEFAULT_MODEL
 from thresher.selectors.clear_confidence import question_text, split_row, truncate_tokens
 from thresher.selectors.clear_filter import confidences, gamma_of, resolve_gamma
 from thresher.selectors.clear_prompts import JUDGE_LETTERS, JUDGE_PREFILL, JUDGE_PROMPT, fill
 from thresher.selectors.nullable import nullable_floats
-
-
-def apply_corrections(rows: pa.Table) -> pa.Table:
-    """``rows`` with the final assistant turn of every corrected row replaced by its new response.
-
-    For the output writer: rows whose ``clear_action`` is ``correct`` get
-    ``clear_corrected_response`` as their last message's content; every other row,
-    and a table without ``clear_action``, is returned as is. ``row_id`` and
-    ``content_id`` stay those of the input row (provenance); the original response
-    stays in ``clear_original_response``.
-    """
-    if "clear_action" not in rows.column_names or "messages" not in rows.column_names:
-        return rows
-    actions = rows["clear_action"].to_pylist()
-    if "correct" not in actions:
-        return rows
-    messages = rows["messages"].to_pylist()
-    for i, (action, new) in enumerate(zip(actions, rows["clear_corrected_response"].to_pylist())):
-        if action == "correct" and new is not None:
-            history, _ = split_response(messages[i])  # a corrected row always ends with its response
-            messages[i] = [*history, {"role": "assistant", "content": new}]
-    index = rows.column_names.index("messages")
-    return rows.set_column(index, "messages", pa.array(messages, type=MESSAGES_TYPE))
 
 
 def judge_prompts(judge: ModelBackend, question: str, first: str, second: str) -> str:
@@ -100,12 +78,12 @@ class ClearCorrectStage(Stage):
     """CLEAR Auto-Correct: keep confident rows, replace or drop the others."""
 
     name = "clear_correct"
-    version = "1"
+    version = "2"  # 2: a corrected response is a new row that replaces the old one
     kind = "global"
     Params = ClearCorrectParams
     requires = ("clear_confidence",)
-    provides = ("clear_action", "clear_corrected_response", "clear_original_response",
-                "clear_correction_confidence", "clear_gamma", "clear_judge", "clear_corrector")
+    provides = ("clear_action", "clear_original_response", "clear_correction_confidence", "clear_gamma",
+                "clear_judge", "clear_corrector")
 
     def process(self, rows: pa.Table) -> StageOutput:
         p: ClearCorrectParams = self.params
@@ -116,8 +94,6 @@ class ClearCorrectStage(Stage):
         n = len(row_ids)
         action = ["keep" if c > gamma else "filter" for c in conf]
         low = [i for i in range(n) if action[i] == "filter" and split[i] is not None]
-        corrected: list[str | None] = [None] * n
-        original: list[str | None] = [None] * n
         judged = np.full(n, np.nan)
         judge_id = corrector_id = None
         if low:
@@ -131,7 +107,14 @@ class ClearCorrectStage(Stage):
                                            [split[i][1] for i in low], new, p.max_answer_tokens)
             for i, text in zip(low, new):
                 if judged[i] > p.eta and text:
-                    action[i], corrected[i], original[i] = "correct", text, split[i][1]
+                    action[i] = "correct"
+        records = rows.select(RECORD_SCHEMA.names).to_pylist()
+        sampling = {"temperature": 0.0, "max_tokens": p.max_tokens, "seed": p.seed}
+        created = [make_created_record([*split[i][0], {"role": "assistant", "content": text}],
+                                       self.origin(corrector_id, sampling, judge=judge_id), parent=records[i],
+                                       candidate=p.corrector.name)
+                   for i, text in zip(low, new) if action[i] == "correct"] if low else []
+        new_id = dict(zip((i for i in low if action[i] == "correct"), (r["row_id"] for r in created)))
         rejected = []
         for i in range(n):
             if action[i] != "filter":
@@ -143,23 +126,23 @@ class ClearCorrectStage(Stage):
                           f"response with {judged[i]:.3f} <= eta {p.eta}")
                 value = float(judged[i])
             rejected.append({"row_id": row_ids[i], "reason": "clear_uncorrectable", "detail": detail, "value": value})
+        # attributes of the rows that go on: kept ones under their own id, corrected ones under the new row's
+        on = [i for i in range(n) if action[i] != "filter"]
         attributes = pa.table({
-            "row_id": pa.array(row_ids, pa.string()),
-            "clear_action": pa.array(action, pa.string()),
-            "clear_corrected_response": pa.array(corrected, pa.string()),
-            "clear_original_response": pa.array(original, pa.string()),
-            "clear_correction_confidence": nullable_floats(judged),
-            "clear_gamma": pa.array([gamma] * n, pa.float64()),
-            "clear_judge": pa.array([judge_id if not np.isnan(v) else None for v in judged], pa.string()),
-            "clear_corrector": pa.array([corrector_id if not np.isnan(v) else None for v in judged], pa.string()),
-        })
-        return StageOutput(attributes=attributes, rejected=rejected)
-
-    def finalize_output(self, kept: pa.Table) -> pa.Table:
-        return apply_corrections(kept)
+            "row_id": pa.array([new_id.get(i, row_ids[i]) for i in on], pa.string()),
+            "clear_action": pa.array([action[i] for i in on], pa.string()),
+            "clear_original_response": pa.array([split[i][1] if i in new_id else None for i in on], pa.string()),
+            "clear_correction_confidence": nullable_floats(judged[on]),
+            "clear_gamma": pa.array([gamma] * len(on), pa.float64()),
+            "clear_judge": pa.array([judge_id if i in new_id else None for i in on], pa.string()),
+            "clear_corrector": pa.array([corrector_id if i in new_id else None for i in on], pa.string()),
+        }) if on else None
+        return StageOutput(attributes=attributes, rejected=rejected, created=created,
+                           replaced=[row_ids[i] for i in new_id])
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict:
         actions = kept["clear_action"].to_pylist() if "clear_action" in kept.column_names else []
         return {"gamma": gamma_of(kept), "eta": self.params.eta,
-                "rows kept as is": actions.count("keep"), "rows corrected": actions.count("correct"),
+                "rows kept as is": actions.count("keep"),
+                "rows corrected (new rows; the old ones are in replaced/)": actions.count("correct"),
                 "rows dropped (uncorrectable)": rejected.num_rows}

@@ -19,7 +19,7 @@ import torch
 from thresher.generators.base import SamplingParams
 from thresher.flows.registry import parse_config
 from thresher.schemas.config import ConfigError
-from thresher.schemas.records import make_record, records_table
+from thresher.schemas.records import content_id, make_record, records_table
 from thresher.selectors.clear import ClearParams, ClearStage
 from thresher.selectors.clear_confidence import (
     normalize_answer,
@@ -30,7 +30,6 @@ from thresher.selectors.clear_confidence import (
 from thresher.selectors.clear_correct import (
     ClearCorrectParams,
     ClearCorrectStage,
-    apply_corrections,
     judge_new_better,
 )
 from thresher.selectors.clear_filter import ClearFilterParams, ClearFilterStage
@@ -197,25 +196,26 @@ def test_auto_correct_replaces_or_drops_by_judge_confidence(smollm2_backend, sha
     base = dict(gamma=0.5, max_tokens=24, max_answer_tokens=64)
 
     out = ClearCorrectStage(ClearCorrectParams(eta=0.0, **base)).process(rows)
-    attrs = {a["row_id"]: a for a in out.attributes.to_pylist()}
     assert out.rejected == []
-    assert attrs[ids[0]]["clear_action"] == "keep" and attrs[ids[0]]["clear_corrected_response"] is None
-    fixed = attrs[ids[1]]
-    null_answer = rows["messages"].to_pylist()[1][-1]["content"]
-    assert fixed["clear_action"] == "correct" and fixed["clear_original_response"] == null_answer
+    # the corrected row is a new row (fresh id, the old one its parent) that replaces the old one
+    (new,) = out.created
+    assert out.replaced == [ids[1]] and new["parent_row_id"] == ids[1] and new["row_id"] not in ids
     question = rows["messages"].to_pylist()[1][0]["content"]
     direct_new = smollm2_backend.chat([[{"role": "user", "content": question}]],
                                       SamplingParams(temperature=0.0, max_tokens=24))[0].texts[0].strip()
-    assert fixed["clear_corrected_response"] == direct_new
+    assert new["messages"] == [{"role": "user", "content": question}, {"role": "assistant", "content": direct_new}]
+    assert new["content_id"] == content_id(new["messages"]) != rows["content_id"].to_pylist()[1]
+    origin = json.loads(new["origin"])
+    assert origin["stage"] == "clear_correct" and origin["model"] == smollm2_backend.identity
+    assert origin["sampling"]["temperature"] == 0.0
+    attrs = {a["row_id"]: a for a in out.attributes.to_pylist()}
+    assert set(attrs) == {ids[0], new["row_id"]}
+    assert attrs[ids[0]]["clear_action"] == "keep" and attrs[ids[0]]["clear_original_response"] is None
+    fixed = attrs[new["row_id"]]
+    null_answer = rows["messages"].to_pylist()[1][-1]["content"]
+    assert fixed["clear_action"] == "correct" and fixed["clear_original_response"] == null_answer
     judged = judge_new_better(smollm2_backend, [question], [null_answer], [direct_new], 64)[0]
     assert fixed["clear_correction_confidence"] == pytest.approx(judged, abs=1e-6)
-
-    # what the writer does with the attributes: the new response replaces the last turn
-    joined = rows.append_column("clear_action", out.attributes["clear_action"]).append_column(
-        "clear_corrected_response", out.attributes["clear_corrected_response"])
-    swapped = apply_corrections(joined)["messages"].to_pylist()
-    assert swapped[0] == rows["messages"].to_pylist()[0]
-    assert swapped[1] == [{"role": "user", "content": question}, {"role": "assistant", "content": direct_new}]
 
     strict = ClearCorrectStage(ClearCorrectParams(eta=1.0, **base)).process(rows)
     assert [(r["row_id"], r["reason"]) for r in strict.rejected] == [(ids[1], "clear_uncorrectable")]
@@ -292,15 +292,22 @@ def test_auto_correct_through_the_flow_writes_the_corrected_messages(tmp_path, s
         ],
     })
     manifest = execute(config, show_progress=False)
-    assert manifest["counts"]["input"] == 4 and manifest["counts"]["output"] == 4
+    c = manifest["counts"]
+    # below the median of four: two rows, all corrected at eta 0 (new rows that replace the old)
+    assert (c["input"], c["created"], c["output"], c["rejected"], c["replaced"]) == (4, 2, 4, 0, 2)
+    assert manifest["stages"][1] == {**manifest["stages"][1], "in": 4, "created": 2, "replaced": 2, "out": 4}
 
     data = {r["row_id"]: r for r in pq.read_table(tmp_path / "out/data").to_pylist()}
     attrs = {r["row_id"]: r for r in pq.read_table(tmp_path / "out/attributes").to_pylist()}
-    corrected = [i for i, a in attrs.items() if a["clear_action"] == "correct"]
-    assert len(corrected) == 2  # below the median of four: two rows, all corrected at eta 0
+    old = {r["row_id"]: r for r in pq.read_table(tmp_path / "out/replaced").to_pylist()}
+    assert {r["replaced_by"] for r in old.values()} == {"clear_correct"}
     for row_id, a in attrs.items():
-        last = data[row_id]["messages"][-1]["content"]
+        row = data[row_id]
         if a["clear_action"] == "correct":
-            assert last == a["clear_corrected_response"] != a["clear_original_response"]
+            parent = old[row["parent_row_id"]]
+            assert parent["messages"][-1]["content"] == a["clear_original_response"] != row["messages"][-1]["content"]
+            assert parent["messages"][:-1] == row["messages"][:-1] and row_id != parent["row_id"]
+            assert json.loads(row["origin"])["stage"] == "clear_correct"
         else:
-            assert a["clear_action"] == "keep" and a["clear_corrected_response"] is None
+            assert a["clear_action"] == "keep" and row["parent_row_id"] is None and row["origin"] is None
+    assert sum(a["clear_action"] == "correct" for a in attrs.values()) == 2

@@ -68,7 +68,8 @@ def test_run_writes_data_rejected_manifest_report(tmp_path, shared_data, messy_i
     assert all(r["reason"] and r["source"] and r["raw"] for r in rejected)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["counts"] == c and on_disk["versions"]["thresher"]
-    assert "rows in" in (out / "report.md").read_text()
+    assert f"{c['input']} rows read = " in (out / "report.md").read_text()
+    assert c["created"] == c["replaced"] == 0
 
     import datasets
 
