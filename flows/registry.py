@@ -31,6 +31,8 @@ STAGES: dict[str, str] = {
     "clear": "thresher.selectors.clear:ClearStage",
     "clear_filter": "thresher.selectors.clear_filter:ClearFilterStage",
     "clear_correct": "thresher.selectors.clear_correct:ClearCorrectStage",
+    "magpie": "thresher.generators.magpie_source:MagpieStage",
+    "magpie_response": "thresher.generators.magpie_response:MagpieResponseStage",
     "magpie_tag": "thresher.selectors.magpie_tag:MagpieTagStage",
     "magpie_dedup": "thresher.filters.magpie_dedup:MagpieDedupStage",
 }

@@ -9,11 +9,13 @@ Attribute columns, for every tag asked for (``tags``): ``magpie_<tag>`` (the lab
 only when the tag failed) and ``magpie_<tag>_failure`` (null, or ``tag_unparsable`` /
 ``tag_missing_field`` / ``tag_label_invalid``; ``language_undetected`` for ``language``,
 which the lingua library gives as an ISO 639-1 code, no model): a row never has neither. ``task_category``
-also writes ``magpie_other_tags``. ``magpie_tagger`` names the model.
+also writes ``magpie_other_tags``; ``input_quality`` and ``difficulty`` also write
+``magpie_<tag>_rank``, 1 to 5 in label order, so ``select`` can say
+``magpie_input_quality_rank >= 4`` (good or better). ``magpie_tagger`` names the model.
 
 ``reward`` needs a reward model (a local sequence-classification model): none is embedded, so
 the stage does not compute it and its summary says so. The filter is the declarative
-``select`` (e.g. ``magpie_input_quality in [good, excellent]``).
+``select`` (e.g. ``magpie_input_quality_rank >= 4``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
-from thresher.generators.magpie_tags import detect_languages, tag_instructions
+from thresher.generators.magpie_tags import TASKS, detect_languages, tag_instructions
 from thresher.schemas.model_config import ModelConfig
 from thresher.schemas.records import first_user_turn
 from thresher.selectors.chunked import call_in_chunks
+
+#: tags whose labels are ordered (``very poor`` .. ``excellent``, ``very easy`` .. ``very hard``)
+ORDINAL_TAGS = ("input_quality", "difficulty")
 
 TagName = Literal["input_quality", "difficulty", "task_category", "language"]
 
@@ -60,6 +65,10 @@ class MagpieTagStage(Stage):
                                          p.chunk_size, progress=f"magpie_tag {tag}: tagged")
             columns[f"magpie_{tag}"] = pa.array([r.label for r in results], pa.string())
             columns[f"magpie_{tag}_failure"] = pa.array([r.failure for r in results], pa.string())
+            if tag in ORDINAL_TAGS:  # 1 (very poor / very easy) .. 5, for select's thresholds
+                labels = TASKS[tag].labels
+                columns[f"magpie_{tag}_rank"] = pa.array(
+                    [labels.index(r.label) + 1 if r.label else None for r in results], pa.int64())
             if tag == "task_category":
                 columns["magpie_other_tags"] = pa.array(
                     [r.fields.get("other_tags") if r.label else None for r in results], pa.list_(pa.string()))

@@ -4,6 +4,7 @@ import ast
 
 import pytest
 
+from thresher.flows.curate import apply_overrides
 from thresher.flows.registry import build_stage, load_config, parse_config
 from thresher.schemas.config import ConfigError
 
@@ -72,13 +73,28 @@ def test_model_stage_params_share_one_base_and_keep_their_cache_keys():
 
     with_models = sorted(n for n in STAGES if issubclass(stage_class(n).Params, ModelStageParams))
     assert with_models == ["clear", "clear_correct", "deita_complexity", "deita_embed", "deita_quality", "grape",
-                           "magpie_dedup", "magpie_tag"]
+                           "magpie", "magpie_dedup", "magpie_response", "magpie_tag"]
+    required = {"magpie": {"count": 4}}
     for name in with_models:
-        a = parse_config({"stages": [{"stage": name, "request_cache": False, "request_cache_path": "/tmp/x.sqlite"}]})
-        b = parse_config({"stages": [{"stage": name}]})
+        a = parse_config({"stages": [{"stage": name, "request_cache": False, "request_cache_path": "/tmp/x.sqlite",
+                                      **required.get(name, {})}]})
+        b = parse_config({"stages": [{"stage": name, **required.get(name, {})}]})
         assert build_stage(a.stages[0]).identity() == build_stage(b.stages[0]).identity()
         assert "request_cache" not in build_stage(b.stages[0]).identity()["params"]
         assert "model" in build_stage(b.stages[0]).identity()["params"]
+
+
+def test_source_stages_come_first_and_keep_finished_tasks_when_the_count_grows():
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(magpie\) makes rows from nothing; put it before"):
+        parse_config({"stages": [{"stage": "validate"}, {"stage": "magpie", "count": 4}]})
+    with pytest.raises(ValueError, match="begin the stages with a source stage"):
+        apply_overrides(parse_config({"out": "/tmp/o", "stages": [{"stage": "validate"}]}))
+    small, large = (build_stage(parse_config({"stages": [{"stage": "magpie", "count": n, "rows_per_task": 4}]}).stages[0])
+                    for n in (10, 14))
+    assert [(t.first, t.count) for t in small.tasks()] == [(0, 4), (4, 4), (8, 2)]
+    assert [(t.first, t.count) for t in large.tasks()] == [(0, 4), (4, 4), (8, 4), (12, 2)]
+    assert [small.task_identity(t) for t in small.tasks()[:2]] == [large.task_identity(t) for t in large.tasks()[:2]]
+    assert small.task_identity(small.tasks()[2]) != large.task_identity(large.tasks()[2])
 
 
 def _imported_modules(path):

@@ -135,29 +135,6 @@ def _start_run(config: Path, out: Path, shared_data: Path, last_stage: str, shar
     return proc, validate_dir
 
 
-def test_killed_run_resumes_with_the_same_output(tmp_path, shared_data):
-    config = tmp_path / "kill.yaml"
-    killed_out = tmp_path / "killed"
-    proc, validate_dir = _start_run(config, killed_out, shared_data, "{stage: select, budget: 1000}", 6)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished_before_kill = len(list(validate_dir.iterdir()))
-    assert not (killed_out / "manifest.json").exists()
-
-    resumed = _thresher("run", str(config), "--out", str(killed_out), "-q")
-    assert resumed.returncode == 0, resumed.stderr
-    manifest = json.loads((killed_out / "manifest.json").read_text())
-    validate = manifest["stages"][0]
-    assert validate["cached"] >= finished_before_kill - 1  # an unfinished write is redone
-    assert validate["computed"] + validate["cached"] == manifest["shards"]["count"]
-
-    clean_out = tmp_path / "clean"
-    clean = _thresher("run", str(config), "--out", str(clean_out), "-q")
-    assert clean.returncode == 0, clean.stderr
-    assert _data(killed_out) == _data(clean_out)
-    assert json.loads((clean_out / "manifest.json").read_text())["counts"] == manifest["counts"]
-
-
 def test_cli_errors_are_one_line_and_nonzero(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("inputs: [x.json]\nstages: [{stage: select, budgt: 1}]\n")

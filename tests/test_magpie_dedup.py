@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from thresher.filters.magpie_dedup import MagpieDedupParams, MagpieDedupStage, near_duplicates
@@ -77,22 +75,3 @@ def test_magpie_tag_gives_every_row_a_label_or_a_reason_for_every_tag():
     summary = stage.summarize(kept, rows.slice(0, 0))
     assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 3
     assert "no reward model" in summary["reward"]
-
-
-@pytest.mark.slow
-def test_magpie_dedup_in_a_flow_reconciles(tmp_path):
-    from thresher.flows.curate import execute
-    from thresher.flows.registry import parse_config
-
-    src = tmp_path / "instructions.jsonl"
-    src.write_text("".join(json.dumps({"instruction": q, "output": "a"}) + "\n" for q in INSTRUCTIONS))
-    out = tmp_path / "out"
-    manifest = execute(parse_config({
-        "name": "magpie-dedup", "inputs": [str(src)], "out": str(out), "execution": {"workers": 1},
-        "stages": [{"stage": "validate"}, {"stage": "magpie_dedup", "request_cache": False}],
-    }), show_progress=False)
-    c = manifest["counts"]
-    assert c["input"] == 6 == c["output"] + c["rejected"] and c["rejected_by_reason"] == {"magpie_near_duplicate": 2}
-    data = pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
-    assert [r["messages"][0]["content"] for r in data] == [INSTRUCTIONS[i] for i in (0, 1, 4, 5)]
-    assert all(a["repeat_count"] >= 1 for a in pq.read_table(sorted((out / "attributes").glob("*.parquet"))).to_pylist())

@@ -1,0 +1,103 @@
+"""Magpie end to end in the real flow: rows made from nothing, answered, deduplicated, selected.
+
+A real `thresher run` (Prefect + a local Dask cluster + the embedded SmolLM2) is killed while
+the `magpie` source stage generates, resumed, and compared with a clean run of the same
+config in another folder: the same rows, no finished task made twice, the ledger reconciled
+with the created and replaced rows counted. (The request cache is off, so the clean run
+draws every row again. The tags are tested in tests/test_magpie_dedup.py; the example config
+runs them all.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from thresher.flows.curate import apply_overrides, execute
+from thresher.flows.registry import load_config
+
+TASKS = 5
+CONFIG = f"""\
+name: magpie-test
+execution: {{workers: 1}}
+stages:
+  - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 40, seed: 7,
+      request_cache: false}}
+  - {{stage: magpie_response, max_tokens: 6, request_cache: false}}
+  - {{stage: magpie_dedup, request_cache: false}}
+  - {{stage: select, where: ["magpie_instruction_ends_with_colon == 0"], order_by: magpie_response_tokens, budget: 100}}
+"""
+
+
+def _run(config: Path, out: Path, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "thresher.cli", "run", str(config), "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kwargs)
+
+
+def _finished(folder: Path) -> int:
+    return sum(1 for d in folder.glob("*/result.json")) if folder.is_dir() else 0
+
+
+def _table(out: Path, name: str) -> list[dict]:
+    return pq.read_table(sorted((out / name).glob("*.parquet"))).to_pylist()
+
+
+@pytest.mark.slow
+def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path):
+    config = tmp_path / "magpie.yaml"
+    config.write_text(CONFIG)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = _run(config, killed)
+    made = killed / ".thresher" / "magpie"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and _finished(made) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read().decode()[-800:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before_kill = _finished(made)
+    assert 2 <= finished_before_kill < TASKS and not (killed / "manifest.json").exists()
+
+    # resume, then a clean run in another folder (in this process: the same code as the CLI's, faster)
+    manifest = execute(apply_overrides(load_config(config), out=str(killed)), show_progress=False)
+    magpie = manifest["stages"][0]
+    assert magpie["cached"] == finished_before_kill and magpie["computed"] == TASKS - finished_before_kill
+    assert execute(apply_overrides(load_config(config), out=str(clean)), show_progress=False)["counts"] == manifest["counts"]
+    # the same config twice: the same rows, the same ids (the other run had its own store)
+    data = _table(killed, "data")
+    assert data == _table(clean, "data") and _table(killed, "rejected") == _table(clean, "rejected")
+
+    c = manifest["counts"]
+    assert c["input"] == 0 and c["created_by_stage"]["magpie"] == 2 * TASKS
+    assert c["input"] + c["created"] == c["output"] + c["rejected"] + c["replaced"]
+    assert c["replaced"] == c["created_by_stage"]["magpie_response"] == c["replaced_by_stage"]["magpie_response"]
+    for s in manifest["stages"]:
+        assert s["in"] + s["created"] == s["out"] + s["rejected"] + s["replaced"]
+    assert set(c["rejected_by_reason"]) <= {"magpie_truncated", "magpie_empty", "magpie_role_leak",
+                                            "magpie_near_duplicate", "magpie_empty_response", "select_where"}
+
+    # every output row: a user turn the model wrote, its answer, its lineage back to nothing
+    replaced = {r["row_id"]: r for r in _table(killed, "replaced")}
+    attributes = {r["row_id"]: r for r in _table(killed, "attributes")}
+    assert len(data) == c["output"] > 0
+    for row in data:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] and row["messages"][0]["content"]
+        origin = json.loads(row["origin"])
+        assert origin["stage"] == "magpie_response" and origin["sampling"]["temperature"] == 0.0
+        parent = replaced[row["parent_row_id"]]
+        assert parent["parent_row_id"] is None and parent["messages"] == row["messages"][:1]
+        made_by = json.loads(parent["origin"])
+        assert made_by["stage"] == "magpie" and made_by["model"].startswith("hf:embedded:smollm2-135m-instruct@")
+        assert made_by["sampling"]["temperature"] == 1.0 and made_by["seed"] >= 7
+        a = attributes[row["row_id"]]
+        assert a["repeat_count"] >= 1 and a["min_neighbor_distance"] is not None
+        assert a["magpie_response_tokens"] >= 1
+    assert f"0 rows read + {c['created']} created = " in (killed / "report.md").read_text()
