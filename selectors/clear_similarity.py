@@ -18,12 +18,12 @@ Two implementations:
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from thresher.generators.sequence_classifier import load_sequence_classifier
 from thresher.schemas.model_config import ModelConfig
 
 
@@ -55,37 +55,17 @@ class EmbeddingSimilarity:
         return np.clip(np.sum(a * b, axis=1), 0.0, 1.0)
 
 
-_NLI: dict[str, tuple] = {}
-_NLI_LOCK = threading.Lock()
-
-
 def _load_nli(cfg: ModelConfig):
     """Tokenizer, model, contradiction index and device of a local NLI model (once per process)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = Path(cfg.name).expanduser()
-    if not path.is_dir():
+    tok, model, device = load_sequence_classifier(cfg, "clear: nli_model")
+    labels = {int(i): str(n).lower() for i, n in model.config.id2label.items()}
+    found = [i for i, n in labels.items() if n.startswith("contradict")]
+    if len(found) != 1:
         raise ValueError(
-            f"clear: nli_model {cfg.name!r} is not a local folder; give the path of a downloaded "
-            "NLI cross-encoder (e.g. a DeBERTa-MNLI checkpoint) — nothing is fetched from a hub"
+            f"clear: nli_model {cfg.name!r} has labels {sorted(labels.values())}; "
+            "expected exactly one 'contradiction' label"
         )
-    key = str(path.resolve()) + "|" + cfg.device
-    with _NLI_LOCK:
-        if key not in _NLI:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
-            labels = {int(i): str(n).lower() for i, n in model.config.id2label.items()}
-            found = [i for i, n in labels.items() if n.startswith("contradict")]
-            if len(found) != 1:
-                raise ValueError(
-                    f"clear: nli_model {cfg.name!r} has labels {sorted(labels.values())}; "
-                    "expected exactly one 'contradiction' label"
-                )
-            device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-            model.to(device).eval()
-            _NLI[key] = (tok, model, found[0], device)
-        return _NLI[key]
+    return tok, model, found[0], device
 
 
 class NLISimilarity:

@@ -13,8 +13,10 @@ also writes ``magpie_other_tags``; ``input_quality`` and ``difficulty`` also wri
 ``magpie_<tag>_rank``, 1 to 5 in label order, so ``select`` can say
 ``magpie_input_quality_rank >= 4`` (good or better). ``magpie_tagger`` names the model.
 
-``reward`` needs a reward model (a local sequence-classification model): none is embedded, so
-the stage does not compute it and its summary says so. The filter is the declarative
+``reward`` needs a reward model (``reward_model``: a local sequence-classification folder,
+:mod:`thresher.generators.reward`): it writes ``magpie_reward`` for rows that end with a
+response (``magpie_reward_failure = no_response`` for the others) and ``magpie_reward_model``.
+None is embedded, so by default the stage does not compute it and its summary says so. The filter is the declarative
 ``select`` (e.g. ``magpie_input_quality_rank >= 4``).
 """
 
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from thresher.flows.stage import ModelStageParams, Stage, StageOutput, model_field, resource_knob
 from thresher.generators.magpie_tags import TASKS, detect_languages, tag_instructions
+from thresher.generators.reward import RewardModel
 from thresher.schemas.model_config import ModelConfig
 from thresher.schemas.records import first_user_turn
 from thresher.selectors.chunked import call_in_chunks
@@ -43,6 +47,9 @@ class MagpieTagParams(ModelStageParams):
                                 min_length=1, description="the tags to ask for")
     max_tokens: int = Field(256, ge=16, description="the longest answer a tag may take")
     chunk_size: int = resource_knob(64, ge=1, description="instructions per model call")
+    reward_model: ModelConfig | None = Field(
+        None, description="a local sequence-classification reward model folder (none is embedded: "
+                          "without one, no reward is computed and the summary says so)")
 
 
 class MagpieTagStage(Stage):
@@ -74,6 +81,8 @@ class MagpieTagStage(Stage):
                     [r.fields.get("other_tags") if r.label else None for r in results], pa.list_(pa.string()))
         tagger = backend.identity if backend is not None else None
         columns["magpie_tagger"] = pa.array([tagger] * rows.num_rows, pa.string())
+        if p.reward_model is not None:
+            columns.update(reward_columns(RewardModel(p.reward_model), rows["messages"].to_pylist()))
         return StageOutput(attributes=pa.table(columns))
 
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
@@ -87,8 +96,27 @@ class MagpieTagStage(Stage):
                         if value is not None:
                             counts[value] = counts.get(value, 0) + 1
                     summary[title] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-        summary["reward"] = "not computed: no reward model is configured (none is embedded)"
+        rewards = [r for r in kept["magpie_reward"].to_pylist() if r is not None] \
+            if "magpie_reward" in kept.column_names else []
+        if p.reward_model is None:
+            summary["reward"] = "not computed: no reward model is configured (none is embedded)"
+        elif rewards:
+            summary["reward of the kept rows (min / median / max)"] = \
+                f"{min(rewards):.3f} / {float(np.median(rewards)):.3f} / {max(rewards):.3f}"
         return summary
+
+
+def reward_columns(model: RewardModel, conversations: list[list[dict]]) -> dict[str, pa.Array]:
+    """``magpie_reward`` of every conversation that ends with a response; the others get
+    ``magpie_reward_failure = no_response`` (a reward scores an instruction *and* its answer)."""
+    answered = [i for i, c in enumerate(conversations) if c and c[-1]["role"] == "assistant"]
+    scores = model.scores([conversations[i] for i in answered]) if answered else []
+    reward: list[float | None] = [None] * len(conversations)
+    for i, score in zip(answered, scores):
+        reward[i] = float(score)
+    return {"magpie_reward": pa.array(reward, pa.float64()),
+            "magpie_reward_failure": pa.array([None if r is not None else "no_response" for r in reward], pa.string()),
+            "magpie_reward_model": pa.array([model.identity if r is not None else None for r in reward], pa.string())}
 
 
 

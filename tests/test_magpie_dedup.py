@@ -75,3 +75,43 @@ def test_magpie_tag_gives_every_row_a_label_or_a_reason_for_every_tag():
     summary = stage.summarize(kept, rows.slice(0, 0))
     assert sum(summary["input_quality, kept rows"].values()) + sum(summary["input_quality failures"].values()) == 3
     assert "no reward model" in summary["reward"]
+
+
+def test_reward_from_a_local_sequence_classifier(tmp_path, smollm2_backend):
+    """A real (small, randomly initialized) Llama reward head with SmolLM2's tokenizer and chat template,
+    saved locally and loaded by path: the stage's rewards are the model's logit on each rendered
+    conversation, batched and padded as one; a row with no response gets a reason, not a number."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from thresher.selectors.magpie_tag import MagpieTagParams, MagpieTagStage
+
+    tok = smollm2_backend.tokenizer
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q, a in ((INSTRUCTIONS[0], "Use reversed() or slicing: xs[::-1]."),
+                                  (INSTRUCTIONS[1], "Red leaves drift down"))]
+    rows = records_table(make_record(c, "m/rm.jsonl", i) for i, c in enumerate(
+        [*conversations, [{"role": "user", "content": INSTRUCTIONS[4]}]]))
+    stage = MagpieTagStage(MagpieTagParams(tags=["language"], reward_model=str(tmp_path / "rm"), request_cache=False))
+    attrs = stage.process(rows).attributes.to_pylist()
+
+    def direct(conversation):
+        ids = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False,
+                  return_tensors="pt")
+        with torch.no_grad():
+            return model(**ids).logits[0, 0].item()
+
+    np.testing.assert_allclose([a["magpie_reward"] for a in attrs[:2]], [direct(c) for c in conversations], atol=1e-5)
+    assert attrs[0]["magpie_reward"] != attrs[1]["magpie_reward"]
+    assert [a["magpie_reward_failure"] for a in attrs] == [None, None, "no_response"]
+    assert attrs[0]["magpie_reward_model"] == "reward:rm" and attrs[2]["magpie_reward"] is None
+    summary = stage.summarize(rows.append_column("magpie_reward", pa.array([a["magpie_reward"] for a in attrs])),
+                              rows.slice(0, 0))
+    assert "reward of the kept rows (min / median / max)" in summary
