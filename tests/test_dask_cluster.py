@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from procs import BIN, free_port, stop_group
 
-N_GROUPS = 12
+N_GROUPS = 8
 MODELS = ("gpt4_1106_preview", "alpaca-7b", "NullModel")
 
 

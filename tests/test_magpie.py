@@ -48,3 +48,43 @@ def test_instructions_from_the_pre_query_alone_are_seeded_and_single_line(smol):
     assert len(usable) >= 2 and len({s.text for s in usable}) == len(usable)  # distinct draws of one prompt
     assert all("\n" not in s.text and s.text == s.text.strip() for s in first)
     assert all(s.reason in (None, REASON_EMPTY, REASON_TRUNCATED, REASON_ROLE_LEAK) for s in first)
+
+
+@pytest.mark.slow
+def test_source_stage_rows_carry_their_system_prompt_seed_and_origin(smol):
+    """The `magpie` stage on one task: a weighted system prompt per call (kept in the row), one seed per
+    call from the task's range, every sample a created row (degenerate ones rejected by id), the same twice."""
+    import json
+
+    from thresher.flows.stage import SourceTask
+    from thresher.generators.magpie_source import MagpieParams, MagpieStage
+
+    stage = MagpieStage(MagpieParams(count=4, n_per_call=2, max_tokens=24, seed=5, request_cache=False,
+                                     system_prompts=[{"text": "You are a chef.", "weight": 1},
+                                                     {"text": "You are a Python tutor.", "weight": 3}]))
+    task = SourceTask(index=1, first=4, count=4)  # this task's rows draw with seeds 9 .. 12
+    out = stage.create(task)
+    assert len(out.created) == 4 and out.attributes is None and out.replaced == []
+    origins = [json.loads(r["origin"]) for r in out.created]
+    assert [(o["seed"], o["sample"]) for o in origins] == [(9, 0), (9, 1), (11, 0), (11, 1)]
+    assert all(o["stage"] == "magpie" and o["model"] == smol.identity and o["sampling"]["temperature"] == 1.0
+               for o in origins)
+    for row, origin in zip(out.created, origins):
+        system, user = row["messages"]
+        assert system == {"role": "system", "content": stage.system_prompt_for(origin["seed"])}
+        assert user["role"] == "user" and row["parent_row_id"] is None and row["source"] == "magpie"
+    assert {r["row_id"] for r in out.rejected} <= {r["row_id"] for r in out.created}
+    assert len({r["row_id"] for r in out.created}) == 4
+    assert stage.create(task).created == out.created
+    draws = [stage.system_prompt_for(seed) for seed in range(400)]
+    assert 0.65 < draws.count("You are a Python tutor.") / 400 < 0.85  # weight 3 of 4
+
+
+def test_a_hosted_chat_api_cannot_do_magpie():
+    from thresher.flows.stage import SourceTask
+    from thresher.generators.magpie_source import MagpieParams, MagpieStage
+
+    stage = MagpieStage(MagpieParams(count=1, request_cache=False, model={
+        "name": "gpt-4o-mini", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}))
+    with pytest.raises(ValueError, match="hosted chat APIs cannot do Magpie"):
+        stage.create(SourceTask(index=0, first=0, count=1))

@@ -66,11 +66,17 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
     finished_before_kill = _finished(made)
     assert 2 <= finished_before_kill < TASKS and not (killed / "manifest.json").exists()
 
-    # resume, then a clean run in another folder (in this process: the same code as the CLI's, faster)
-    manifest = execute(apply_overrides(load_config(config), out=str(killed)), show_progress=False)
-    magpie = manifest["stages"][0]
-    assert magpie["cached"] == finished_before_kill and magpie["computed"] == TASKS - finished_before_kill
-    assert execute(apply_overrides(load_config(config), out=str(clean)), show_progress=False)["counts"] == manifest["counts"]
+    # resume, then a clean run in another folder: in this process (the CLI's code), on one warm
+    # Dask worker given by address (its imports are paid once)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run = lambda out: execute(apply_overrides(load_config(config), out=str(out),  # noqa: E731
+                                                  dask_address=cluster.scheduler_address), show_progress=False)
+        manifest = run(killed)
+        magpie = manifest["stages"][0]
+        assert magpie["cached"] == finished_before_kill and magpie["computed"] == TASKS - finished_before_kill
+        assert run(clean)["counts"] == manifest["counts"]
     # the same config twice: the same rows, the same ids (the other run had its own store)
     data = _table(killed, "data")
     assert data == _table(clean, "data") and _table(killed, "rejected") == _table(clean, "rejected")
