@@ -17,6 +17,8 @@ from typing import List, Optional
 
 import typer
 
+from thresher.schemas.secrets import install_log_redaction, redact
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -56,6 +58,7 @@ def _exit_cleanly_on_sigterm() -> None:
 def _prepare_process() -> None:
     _quiet_libraries()
     _exit_cleanly_on_sigterm()
+    install_log_redaction()  # credentials never reach a log line of this process
 
 
 def _terminated(err: BaseException | None, termination: type) -> bool:
@@ -86,7 +89,7 @@ def _fail(err: BaseException, debug: bool) -> None:
     if debug or not isinstance(err, Exception):
         raise err
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    typer.echo(f"thresher: error: {message}", err=True)
+    typer.echo(f"thresher: error: {redact(message)}", err=True)
     raise typer.Exit(code=1)
 
 

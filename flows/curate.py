@@ -37,7 +37,9 @@ from thresher.flows.registry import load_config, parse_config, source_entries, s
 from thresher.flows.store import Store
 from thresher.generators.registry import MEMORY_BUDGET_ENV
 from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry
+from thresher.schemas.model_config import ModelConfig
 from thresher.schemas.readers import discover_inputs
+from thresher.schemas.secrets import install_log_redaction, register_secret_env
 from thresher.schemas.report import render_report
 from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
 
@@ -147,6 +149,11 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     return manifest
 
 
+def config_models(config: PipelineConfig) -> list[ModelConfig]:
+    """Every model the config's stages name."""
+    return [value for entry in config.stages for _, value in entry.params if isinstance(value, ModelConfig)]
+
+
 def local_worker_resources(config: PipelineConfig) -> dict[str, float]:
     """What the local cluster's workers offer: the most any stage asks for (e.g. ``{GPU: 1}``).
 
@@ -243,6 +250,8 @@ def apply_overrides(
 
 def execute(config: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run a validated config to completion; returns the manifest."""
+    register_secret_env(m.api_key_env for m in config_models(config))  # their values are redacted here too
+    install_log_redaction()
     runner = make_task_runner(config)
     run = pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{config.name}")
     return run(config.to_dict(), show_progress=show_progress)

@@ -97,7 +97,7 @@ class OpenAIBackend(ModelBackend):
         if self.cfg.backend != "openai":
             raise ModelError(f"OpenAIBackend got a config for backend {self.cfg.backend!r}")
         self.transport = Transport(
-            normalize_base_url(self.cfg.base_url), api_key=self.cfg.api_key, timeout_s=self.cfg.timeout_s,
+            normalize_base_url(self.cfg.base_url), api_key_env=self.cfg.api_key_env, timeout_s=self.cfg.timeout_s,
             max_concurrency=self.cfg.max_concurrency, max_retries=self.cfg.max_retries, transport=transport,
         )
         self.vocab = LocalVocab(self.cfg.tokenizer or self.cfg.name, None if self.cfg.tokenizer else self.cfg.revision)

@@ -13,6 +13,9 @@
   methods work from a Prefect task (whose loop is running), a Dask worker
   thread or plain code. A forked child (or an unpickled copy) builds its own
   loop and client on first use.
+- **The key**: read from the environment variable ``api_key_env`` when the client is
+  made, never stored or pickled; its value is redacted from the process's logs
+  (:mod:`thresher.schemas.secrets`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from thresher.generators.base import ModelError
+from thresher.schemas.secrets import install_log_redaction, register_secret_env
 
 T = TypeVar("T")
 
@@ -103,14 +107,17 @@ class Transport:
         self,
         base_url: str,
         *,
-        api_key: str | None = None,
+        api_key_env: str | None = None,
         timeout_s: float = 120.0,
         max_concurrency: int = 8,
         max_retries: int = 4,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url
-        self.api_key = api_key
+        self.api_key_env = api_key_env  # the variable's name: the key itself is read when the client is made
+        if api_key_env:
+            register_secret_env([api_key_env])
+            install_log_redaction()
         self.timeout_s = timeout_s
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
@@ -144,7 +151,8 @@ class Transport:
     def _http(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """The client and semaphore, created on (and bound to) the private loop."""
         if self._client is None or self._sem is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            key = os.environ.get(self.api_key_env) if self.api_key_env else None
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             n = self.max_concurrency
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,

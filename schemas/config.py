@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from thresher.schemas.formats import FORMATS
+from thresher.schemas.secrets import secret_key_paths
 
 
 class ConfigError(ValueError):
@@ -174,6 +175,11 @@ def validate_config(
     relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of keys")
+    secret = secret_key_paths(data)
+    if secret:
+        raise ConfigError(f"{origin}: {secret[0]}: '{secret[0].rsplit('.', 1)[-1]}' in a config is refused: a config "
+                          "is copied into the manifest and Prefect's database; put the key in an environment "
+                          "variable and name it with 'api_key_env' (default OPENAI_API_KEY)")
     data = dict(data)
     stages = _stage_entries(data.pop("stages", []), stage_params)
     try:

@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from thresher.schemas.secrets import refuse_secret_keys
+
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     name: str = Field(description="embedded:<name>, a local directory, or a model id")
     backend: Literal["hf", "openai", "vllm"] = "hf"
@@ -34,7 +36,10 @@ class ModelConfig(BaseModel):
     max_model_len: int | None = None
     # openai backend
     base_url: str | None = None
-    api_key: str | None = None
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="openai: the environment variable holding the API key (a key is never written in a "
+                    "config; schemas/secrets.py). Unset: requests carry no key (a local server)")
     served_model_name: str | None = None
     # resource knobs (not in cache keys)
     device: str = "auto"
@@ -61,6 +66,8 @@ class ModelConfig(BaseModel):
     def _from_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             return {"name": value}
+        if isinstance(value, dict):
+            refuse_secret_keys(value, "model")
         return value
 
     def semantic_fields(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from thresher.schemas.records import RECORD_SCHEMA
+from thresher.schemas.secrets import redact
 
 OUTPUT_FOLDERS = ("data", "attributes", "rejected", "replaced")
 
@@ -76,12 +77,12 @@ def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, replaced: pa.Ta
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
+    """``value`` as JSON, credentials redacted (:func:`thresher.schemas.secrets.redact`), atomically."""
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str, ensure_ascii=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """``text``, credentials redacted, atomically (temp file + rename)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
+    tmp.write_text(redact(text))
     os.replace(tmp, path)

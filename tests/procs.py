@@ -60,10 +60,12 @@ def wait_for_prefect_server(api: str, proc: subprocess.Popen | None, timeout: fl
     raise RuntimeError(f"the Prefect server at {api} did not answer in {timeout:.0f} s")
 
 
-def serve_openai(name: str, cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None):
+def serve_openai(name: str, cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None,
+                 api_key: str | None = None):
     """Start an OpenAI-compatible server (``cmd`` must listen where its ``--port`` says), wait until
-    ``/v1/models`` answers, yield its ``/v1`` URL, and stop its process group afterwards. A server
-    that exits or never answers fails the test with the end of its log."""
+    ``/v1/models`` answers (with ``api_key`` when the server wants one), yield its ``/v1`` URL, and
+    stop its process group afterwards. A server that exits or never answers fails the test with
+    the end of its log."""
     import httpx
     import pytest
 
@@ -78,7 +80,8 @@ def serve_openai(name: str, cmd: list[str], log: Path, timeout: float, env: dict
             if proc.poll() is not None:
                 pytest.fail(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                if httpx.get(f"{url}/models", timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

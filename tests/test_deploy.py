@@ -6,10 +6,11 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from procs import BIN, stop_group
+from procs import BIN, free_port, stop_group
 
 
 def _wait_until(check, timeout: float, what: str, procs=()):
@@ -35,8 +36,15 @@ def prefect_server(tmp_path, prefect_api):
 
 
 def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_server):
+    """Also the deployment half of issue 20: a key in the serving process's environment, a run of a
+    config whose openai model fails on an unreachable port (retries and errors logged): the key
+    is in no output, no log line and nowhere in the Prefect home (its database included)."""
+    from test_secrets import files_holding, new_key
+
     api, env = prefect_server
-    env = {**env, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    key = new_key()
+    env = {**env, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING", "OPENAI_API_KEY": key,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the served process picks a triggered run up within 1 s
     config = tmp_path / "nightly.yaml"
     config.write_text(
         f"name: nightly\ninputs: [{shared_data / 'gsm8k/test.jsonl'}]\nout: {tmp_path / 'default-out'}\n"
@@ -54,7 +62,7 @@ def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_se
         out = tmp_path / "adhoc-out"
         run = subprocess.run(
             [str(BIN / "prefect"), "deployment", "run", "thresher-curate/test",
-             "--param", f"out={out}", "--watch", "--watch-timeout", "300"],
+             "--param", f"out={out}", "--watch", "--watch-interval", "1", "--watch-timeout", "300"],
             env=env, capture_output=True, text=True, timeout=360,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -63,5 +71,22 @@ def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_se
         assert manifest["counts"]["output"] == 100
         assert manifest["counts"]["input"] == 1319
         assert not (tmp_path / "default-out").exists()  # the --param override was used
+
+        keyed = tmp_path / "keyed.yaml"  # the same deployment, another config: an openai model, the key from the env
+        keyed.write_text(
+            "name: keyed\nexecution: {workers: 1}\nstages:\n"
+            "  - {stage: magpie, count: 1, retries: 0, request_cache: false, model: {name: embedded:smollm2-135m-instruct,"
+            f" backend: openai, base_url: 'http://127.0.0.1:{free_port()}/v1', max_retries: 1, timeout_s: 2}}}}\n")
+        failed = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "thresher-curate/test", "--param", f"config_path={keyed}",
+             "--param", f"out={tmp_path / 'keyed-out'}", "--watch", "--watch-interval", "1", "--watch-timeout", "300"],
+            env=env, capture_output=True, text=True, timeout=360,
+        )
+        assert failed.returncode != 0 and "Failed" in failed.stdout + failed.stderr
+        assert key not in failed.stdout + failed.stderr
     finally:
         stop_group(server)
+    served_log = server.stdout.read().decode()
+    assert "failed after 2 attempts" in served_log  # the retry and error lines were logged
+    assert key not in served_log
+    assert files_holding(key, tmp_path, Path(os.environ["PREFECT_HOME"])) == []
