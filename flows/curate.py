@@ -35,9 +35,9 @@ from thresher.flows.model_lifecycle import (
 )
 from thresher.flows.registry import load_config, parse_config, source_entries, stage_class
 from thresher.flows.store import Store
+from thresher.flows.threads import task_threads
 from thresher.generators.registry import MEMORY_BUDGET_ENV
 from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry
-from thresher.schemas.model_config import ModelConfig
 from thresher.schemas.readers import discover_inputs
 from thresher.schemas.secrets import install_log_redaction, register_secret_env
 from thresher.schemas.report import render_report
@@ -50,23 +50,32 @@ def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def shard_task(ingested: list[dict], shard_rows: int, store_root: str) -> dict[str, Any]:
-    return pipeline.make_shards(ingested, shard_rows, store_root)
+def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1) -> dict[str, Any]:
+    return pipeline.make_shards(ingested, shard_rows, store_root, min_shards)
 
 
 @task(name="source", cache_policy=NO_CACHE, retry_delay_seconds=1)
-def source_task(entry: StageEntry, task_spec: dict, store_root: str) -> dict[str, Any]:
-    return pipeline.run_source_task(entry, task_spec, store_root)
+def source_task(entry: StageEntry, task_spec: dict, store_root: str, threads: int | None = None) -> dict[str, Any]:
+    return pipeline.run_source_task(entry, task_spec, store_root, threads)
 
 
 @task(name="stage-on-shard", cache_policy=NO_CACHE, retry_delay_seconds=1)
-def shard_stage_task(entry: StageEntry, state: dict, store_root: str) -> dict[str, Any]:
-    return pipeline.run_shard_stage(entry, state, store_root)
+def shard_stage_task(entry: StageEntry, state: dict, store_root: str, threads: int | None = None) -> dict[str, Any]:
+    return pipeline.run_shard_stage(entry, state, store_root, threads)
 
 
 @task(name="stage-global", cache_policy=NO_CACHE, retry_delay_seconds=1)
-def global_stage_task(entry: StageEntry, states: list[dict], store_root: str) -> list[dict]:
-    return pipeline.run_global_stage(entry, states, store_root)
+def global_stage_task(entry: StageEntry, states: list[dict], store_root: str,
+                      threads: int | None = None) -> list[dict]:
+    return pipeline.run_global_stage(entry, states, store_root, threads)
+
+
+@task(name="worker-slots", cache_policy=NO_CACHE)
+def worker_slots_task() -> int:
+    """Task threads across the cluster's workers (how many tasks run at once)."""
+    from distributed import get_client
+
+    return sum(get_client().nthreads().values()) or 1
 
 
 @task(name="release-models", cache_policy=NO_CACHE)
@@ -79,12 +88,24 @@ def model_events_task() -> list[dict]:
     return model_events_everywhere()
 
 
-def _submit(task_fn, entry: StageEntry, *args):
+def _submit(task_fn, entry: StageEntry, *args, threads: int | None = None):
     task_fn = task_fn.with_options(name=f"{entry.stage}", retries=entry.params.retries)
     if entry.params.resources:
         with dask.annotate(resources=dict(entry.params.resources)):
-            return task_fn.submit(entry, *args)
-    return task_fn.submit(entry, *args)
+            return task_fn.submit(entry, *args, threads=threads)
+    return task_fn.submit(entry, *args, threads=threads)
+
+
+def stage_threads(config: PipelineConfig, entry: StageEntry, tasks: int, slots: int) -> int | None:
+    """Torch threads for each of a stage's ``tasks`` tasks: this machine's cores shared among the
+    tasks that run at once (local clusters with ``fill_cores``, model stages whose models set no
+    ``threads`` of their own); None leaves the worker's own setting."""
+    execution = config.execution
+    models = stage_models(entry)
+    if (not execution.fill_cores or execution.dask_address or execution.cpu_threads_per_worker
+            or not models or any(m.threads for m in models)):
+        return None
+    return task_threads(tasks, slots, os.cpu_count() or 1)
 
 
 def _progress(futures: list, label: str, show: bool) -> list:
@@ -111,21 +132,28 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
 
     ingest_futures = [ingest_task.submit(p, config.ingest, store_root) for p in paths]
     ingested = _progress(ingest_futures, "ingest", show_progress)
-    sharding = shard_task.submit(ingested, config.shard_rows, store_root).result()
+    slots = worker_slots_task.submit().result()
+    min_shards = slots if config.execution.fill_cores else 1
+    sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards).result()
     states = sharding["shards"]
 
     stage_runs: list[list[dict]] = []
     for position, entry in enumerate(config.stages):
         kind = stage_class(entry.stage).kind
         if kind == "source":  # each task's rows start a shard of their own
-            futures = [_submit(source_task, entry, t, store_root) for t in pipeline.source_tasks(entry)]
+            tasks = pipeline.source_tasks(entry)
+            threads = stage_threads(config, entry, len(tasks), slots)
+            futures = [_submit(source_task, entry, t, store_root, threads=threads) for t in tasks]
             made = _progress(futures, entry.stage, show_progress)
             stage_runs.append([s["run"] for s in made])
             states = [*states, *({**s, "index": len(states) + i} for i, s in enumerate(made))]
         elif kind == "global":
-            states = _progress([_submit(global_stage_task, entry, states, store_root)], entry.stage, show_progress)[0]
+            threads = stage_threads(config, entry, 1, slots)
+            states = _progress([_submit(global_stage_task, entry, states, store_root, threads=threads)],
+                               entry.stage, show_progress)[0]
         else:
-            futures = [_submit(shard_stage_task, entry, s, store_root) for s in states]
+            threads = stage_threads(config, entry, len(states), slots)
+            futures = [_submit(shard_stage_task, entry, s, store_root, threads=threads) for s in states]
             states = _progress(futures, entry.stage, show_progress)
         if kind != "source":
             stage_runs.append([s["run"] for s in states])
@@ -147,11 +175,6 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
     write_json_atomic(out / "manifest.json", manifest)
     write_text_atomic(out / "report.md", render_report(manifest, out))
     return manifest
-
-
-def config_models(config: PipelineConfig) -> list[ModelConfig]:
-    """Every model the config's stages name."""
-    return [value for entry in config.stages for _, value in entry.params if isinstance(value, ModelConfig)]
 
 
 def local_worker_resources(config: PipelineConfig) -> dict[str, float]:
@@ -250,7 +273,7 @@ def apply_overrides(
 
 def execute(config: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run a validated config to completion; returns the manifest."""
-    register_secret_env(m.api_key_env for m in config_models(config))  # their values are redacted here too
+    register_secret_env(m.api_key_env for e in config.stages for m in stage_models(e))  # their values are redacted here too
     install_log_redaction()
     runner = make_task_runner(config)
     run = pipeline_flow.with_options(task_runner=runner, flow_run_name=f"{config.name}")

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from thresher.flows.registry import build_stage
 from thresher.flows.stage import conform_rejected
 from thresher.flows.store import Store, digest, file_digest
+from thresher.flows.threads import cpu_threads
 from thresher.schemas.config import IngestConfig, StageEntry
 from thresher.schemas.formats import REASON_UNREADABLE_FILE
 from thresher.schemas.readers import (
@@ -89,16 +90,46 @@ def _pack_groups(group_ids: list[str], shard_rows: int) -> list[list[int]]:
     return [s for s in shards if s]
 
 
-def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str) -> dict[str, Any]:
-    """Split the ingested corpus into shards of about ``shard_rows`` rows, groups kept whole.
+def _balance_groups(group_ids: list[str], parts: int) -> list[list[int]]:
+    """Row positions in ``parts`` shards of nearly equal rows: groups in order, never split
+    (a group goes to the shard its first row's place in the corpus falls in)."""
+    members: dict[str, list[int]] = {}
+    for position, gid in enumerate(group_ids):
+        members.setdefault(gid, []).append(position)
+    shards: list[list[int]] = [[] for _ in range(parts)]
+    before = 0
+    for rows in members.values():
+        shards[min(parts - 1, before * parts // len(group_ids))].extend(rows)
+        before += len(rows)
+    return [s for s in shards if s]
 
+
+def plan_shards(group_ids: list[str], shard_rows: int, min_shards: int = 1) -> list[list[int]]:
+    """Row positions per shard: at most ``shard_rows`` rows each (unless one group is larger),
+    and at least ``min_shards`` shards of nearly equal size when the rows allow it."""
+    n = len(group_ids)
+    if min_shards > 1 and n and -(-n // min_shards) < shard_rows:
+        balanced = _balance_groups(group_ids, min_shards)
+        if max(len(s) for s in balanced) <= shard_rows:
+            return balanced
+    return _pack_groups(group_ids, shard_rows)
+
+
+def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
+                min_shards: int = 1) -> dict[str, Any]:
+    """Split the ingested corpus into shards of at most ``shard_rows`` rows, groups kept whole.
+
+    With ``min_shards`` (the cluster's worker threads), there are at least that many
+    shards of nearly equal size when the rows allow it, so no worker sits idle
+    (:func:`plan_shards`).
     Returns ``{"key", "shards": [state, ...], "rejected": n, "cached"}``. Rows whose
     ``row_id`` repeats an earlier row's (the same content from the same source
     name, e.g. one file given twice) are rejected as ``duplicate_row``.
     """
     store = Store(store_root)
     ingested = sorted(ingested, key=lambda info: info["path"])
-    key = digest({"version": SHARDING_VERSION, "inputs": [i["key"] for i in ingested], "shard_rows": shard_rows})
+    key = digest({"version": SHARDING_VERSION, "inputs": [i["key"] for i in ingested], "shard_rows": shard_rows,
+                  "min_shards": min_shards})
     if store.is_done(SHARDING_STAGE, key):
         return {**store.read_info(SHARDING_STAGE, key), "cached": True}
     tables = [store.read_table(INGEST_STAGE, i["key"], "records") for i in ingested]
@@ -123,7 +154,7 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     )
     corpus = corpus.take(pa.array(keep, pa.int64()))
     states = []
-    for index, positions in enumerate(_pack_groups(corpus["group_id"].to_pylist(), shard_rows)):
+    for index, positions in enumerate(plan_shards(corpus["group_id"].to_pylist(), shard_rows, min_shards)):
         shard = corpus.take(pa.array(positions, pa.int64()))
         shard_key = digest({"rows": shard["row_id"].to_pylist()})
         store.write("shards", shard_key, {"records": shard}, {"rows": shard.num_rows})
@@ -229,7 +260,8 @@ def _worker_address() -> str | None:
         return None
 
 
-def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None) -> dict[str, Any]:
+def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None,
+               threads: int | None = None) -> dict[str, Any]:
     """Run ``stage`` on ``rows`` (a source stage: make ``task``'s rows) and store the result under ``key``."""
     if store.is_done(stage.name, key):
         return {**store.read_info(stage.name, key), "cached": True}
@@ -238,7 +270,7 @@ def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None) 
     started = time.perf_counter()
     from thresher.generators.registry import model_scope
 
-    with model_scope():  # the stage's models stay loaded for as long as this task runs
+    with model_scope(), cpu_threads(threads):  # the stage's models stay loaded while this task runs
         output = stage.process(rows) if rows is not None else stage.create(task)
     return _store_output(stage, key, output, rows.num_rows if rows is not None else 0, started, store)
 
@@ -264,7 +296,8 @@ def source_tasks(entry: StageEntry) -> list[dict[str, Any]]:
     return [vars(t) for t in build_stage(entry).tasks()]
 
 
-def run_source_task(entry: StageEntry, task: dict[str, Any], store_root: str) -> dict[str, Any]:
+def run_source_task(entry: StageEntry, task: dict[str, Any], store_root: str,
+                    threads: int | None = None) -> dict[str, Any]:
     """Make one source task's rows (or reuse them); they start a shard of their own."""
     from thresher.flows.stage import SourceTask
 
@@ -275,12 +308,13 @@ def run_source_task(entry: StageEntry, task: dict[str, Any], store_root: str) ->
     if store.is_done(stage.name, key):
         run = {**store.read_info(stage.name, key), "cached": True}
     else:
-        run = _run_stage(stage, None, store, key, task=source_task)
+        run = _run_stage(stage, None, store, key, task=source_task, threads=threads)
     out = run["created"] - run["rejected"]
     return {"index": task["index"], "key": key, "base": None, "layers": [[stage.name, key]], "rows": out, "run": run}
 
 
-def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -> dict[str, Any]:
+def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str,
+                    threads: int | None = None) -> dict[str, Any]:
     """Run a per-shard stage on one shard (or reuse its finished result)."""
     store = Store(store_root)
     stage = build_stage(entry)
@@ -288,11 +322,12 @@ def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str) -
     if store.is_done(stage.name, key):
         run = {**store.read_info(stage.name, key), "cached": True}
     else:
-        run = _run_stage(stage, shard_view(state, store), store, key)
+        run = _run_stage(stage, shard_view(state, store), store, key, threads=threads)
     return {**state, "key": key, "layers": [*state["layers"], [stage.name, key]], "run": run}
 
 
-def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root: str) -> list[dict[str, Any]]:
+def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root: str,
+                     threads: int | None = None) -> list[dict[str, Any]]:
     """Run a global stage over all shards at once (or reuse its finished result)."""
     store = Store(store_root)
     stage = build_stage(entry)
@@ -302,7 +337,7 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
     else:
         views = [shard_view(s, store) for s in states]
         rows = pa.concat_tables(views, promote_options="default") if views else records_table([])
-        run = _run_stage(stage, rows, store, key)
+        run = _run_stage(stage, rows, store, key, threads=threads)
     return [
         {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run,
          "global_layers": {**s.get("global_layers", {}), key: i == len(states) - 1}}

@@ -73,6 +73,10 @@ class ExecutionConfig(BaseModel):
     cpu_threads_per_worker: int | None = Field(
         None, ge=1, description="CPU threads each local worker's models and numeric libraries use "
                                 "(default: this machine's cores / workers)")
+    fill_cores: bool = Field(
+        True, description="keep every core busy: plan at least one shard per Dask worker thread (groups kept "
+                          "whole; shard_rows stays the upper bound) and, on a local cluster, let a stage's tasks "
+                          "share the machine's cores when they are fewer than the workers")
     model_memory_gb: float | None = Field(
         None, gt=0, description="per local worker: loading a model releases the least recently used "
                                 "others until their measured footprints fit (default: no budget; a "

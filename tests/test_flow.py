@@ -215,3 +215,22 @@ def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("processes of the stopped run were still alive 30 s after it exited")
     assert not (out / "manifest.json").exists()
+
+
+def test_shards_fill_the_workers_without_splitting_a_group(tmp_path, shared_data):
+    """fill_cores: at least one shard per worker thread when the groups allow it, shard_rows an upper bound."""
+    from thresher.flows.pipeline import ingest_file, make_shards
+    from thresher.flows.threads import task_threads
+    from thresher.schemas.config import IngestConfig
+
+    store = str(tmp_path / "store")
+    ingested = [ingest_file(str(shared_data / "alpaca_eval" / f"{m}.json"), IngestConfig(), store)
+                for m in ("claude-2", "vicuna-7b", "NullModel")]  # 805 groups of 3 candidates
+    lone = make_shards(ingested, 5000, store)
+    filled = make_shards(ingested, 5000, store, min_shards=4)
+    capped = make_shards(ingested, 600, store, min_shards=2)
+    assert [s["rows"] for s in lone["shards"]] == [2415]
+    assert [s["rows"] for s in filled["shards"]] == [606, 603, 603, 603]
+    assert len(capped["shards"]) == 5 and all(s["rows"] <= 600 for s in capped["shards"])  # shard_rows still bounds
+    assert all(s["rows"] % 3 == 0 for s in filled["shards"])  # groups whole
+    assert (task_threads(1, 2, 2), task_threads(2, 2, 2), task_threads(8, 2, 2), task_threads(1, 4, 16)) == (2, 1, 1, 16)
