@@ -96,6 +96,13 @@ def _submit(task_fn, entry: StageEntry, *args, threads: int | None = None):
     return task_fn.submit(entry, *args, threads=threads)
 
 
+def worker_slots(config: PipelineConfig) -> int:
+    """How many tasks run at once: the local cluster's worker threads, or (asked in a task) an existing cluster's."""
+    if config.execution.dask_address:
+        return worker_slots_task.submit().result()
+    return config.execution.workers * config.execution.threads_per_worker
+
+
 def stage_threads(config: PipelineConfig, entry: StageEntry, tasks: int, slots: int) -> int | None:
     """Torch threads for each of a stage's ``tasks`` tasks: this machine's cores shared among the
     tasks that run at once (local clusters with ``fill_cores``, model stages whose models set no
@@ -132,7 +139,7 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
 
     ingest_futures = [ingest_task.submit(p, config.ingest, store_root) for p in paths]
     ingested = _progress(ingest_futures, "ingest", show_progress)
-    slots = worker_slots_task.submit().result()
+    slots = worker_slots(config)
     min_shards = slots if config.execution.fill_cores else 1
     sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards).result()
     states = sharding["shards"]
