@@ -24,12 +24,12 @@ import pytest
 from thresher.flows.curate import apply_overrides, execute
 from thresher.flows.registry import load_config
 
-TASKS = 5
+TASKS = 4
 CONFIG = f"""\
 name: magpie-test
 execution: {{workers: 1}}
 stages:
-  - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 40, seed: 7,
+  - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 32, seed: 7,
       request_cache: false}}
   - {{stage: magpie_response, max_tokens: 6, request_cache: false}}
   - {{stage: magpie_dedup, request_cache: false}}
