@@ -172,8 +172,9 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
 
     store = Store(store_root)
     kept = pipeline.collect_output(states, store)
-    rejected = pipeline.collect_rejected(ingested, sharding, states, store)
-    replaced = pipeline.collect_replaced(states, store)
+    every_row = pipeline.all_rows(states, store)  # read once: rejected and replaced rows are looked up in it
+    rejected = pipeline.collect_rejected(ingested, sharding, states, store, every_row)
+    replaced = pipeline.collect_replaced(states, store, every_row)
     out = Path(config.out)
     files = write_outputs(out, kept, rejected, replaced, config.output.rows_per_file)
     manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, replaced, files,

@@ -363,19 +363,26 @@ def all_rows(states: list[dict], store: Store) -> pa.Table:
     return pa.concat_tables(parts) if parts else records_table([])
 
 
-def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store) -> pa.Table:
-    """Every rejected row of the run: its source, row, stage, rejection columns and raw text."""
+def _rows_named(corpus: pa.Table, ids: pa.Table) -> pa.Table:
+    """The rows of ``corpus`` whose ``row_id`` ``ids`` lists, in that order."""
+    return corpus.take(pc.index_in(ids["row_id"], value_set=corpus["row_id"]))
+
+
+def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store,
+                     corpus: pa.Table | None = None) -> pa.Table:
+    """Every rejected row of the run: its source, row, stage, rejection columns and raw text.
+
+    ``corpus``: :func:`all_rows` of the run, when the caller already has it."""
     parts = [store.read_table(INGEST_STAGE, i["key"], "rejected") for i in sorted(ingested, key=lambda x: x["path"])]
     if sharding.get("key"):
         parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
-    corpus = all_rows(states, store)
-    by_id = {rid: i for i, rid in enumerate(corpus["row_id"].to_pylist())}
+    corpus = all_rows(states, store) if corpus is None else corpus
     for stage, key in _layers(states):
         table = store.read_table(stage, key, "rejected")
         if table is None or not table.num_rows:
             continue
         table = conform_rejected(table)
-        base = corpus.take([by_id[r] for r in table["row_id"].to_pylist()])
+        base = _rows_named(corpus, table)
         parts.append(pa.table({
             "row_id": table["row_id"],
             "source": base["source"],
@@ -389,17 +396,16 @@ def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], s
     return pa.concat_tables(parts) if parts else rejected_table([])
 
 
-def collect_replaced(states: list[dict], store: Store) -> pa.Table:
+def collect_replaced(states: list[dict], store: Store, corpus: pa.Table | None = None) -> pa.Table:
     """Every row a stage replaced with a row it created (the new row names it in ``parent_row_id``),
-    as it was, with the replacing stage in ``replaced_by``."""
-    corpus = all_rows(states, store)
-    by_id = {rid: i for i, rid in enumerate(corpus["row_id"].to_pylist())}
+    as it was, with the replacing stage in ``replaced_by``. ``corpus``: as for :func:`collect_rejected`."""
+    corpus = all_rows(states, store) if corpus is None else corpus
     parts = []
     for stage, key in _layers(states):
         table = store.read_table(stage, key, "replaced")
         if table is None or not table.num_rows:
             continue
-        rows = corpus.take([by_id[r] for r in table["row_id"].to_pylist()])
+        rows = _rows_named(corpus, table)
         parts.append(rows.append_column("replaced_by", pa.array([stage] * rows.num_rows, pa.string())))
     return pa.concat_tables(parts) if parts else replaced_table()
 

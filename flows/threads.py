@@ -9,7 +9,6 @@ torch's intra-op threads to that for the task's duration. Results do not depend 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,8 +21,9 @@ def task_threads(tasks: int, slots: int, cores: int) -> int:
 
 @contextmanager
 def cpu_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` inside the block (nothing when None or torch is unused)."""
-    if not threads or "torch" not in sys.modules and not _torch_available():
+    """torch's intra-op threads set to ``threads`` inside the block (nothing when None: the flow gives
+    a number to model stages only, which import torch anyway)."""
+    if not threads:
         yield
         return
     import torch
@@ -34,9 +34,3 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None

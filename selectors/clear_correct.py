@@ -108,13 +108,14 @@ class ClearCorrectStage(Stage):
             for i, text in zip(low, new):
                 if judged[i] > p.eta and text:
                     action[i] = "correct"
-        records = rows.select(RECORD_SCHEMA.names).to_pylist()
+        fixed = [(i, text) for i, text in zip(low, new) if action[i] == "correct"] if low else []
+        parents = rows.take(pa.array([i for i, _ in fixed], pa.int64())).select(RECORD_SCHEMA.names).to_pylist()
         sampling = {"temperature": 0.0, "max_tokens": p.max_tokens, "seed": p.seed}
         created = [make_created_record([*split[i][0], {"role": "assistant", "content": text}],
-                                       self.origin(corrector_id, sampling, judge=judge_id), parent=records[i],
+                                       self.origin(corrector_id, sampling, judge=judge_id), parent=parent,
                                        candidate=p.corrector.name)
-                   for i, text in zip(low, new) if action[i] == "correct"] if low else []
-        new_id = dict(zip((i for i in low if action[i] == "correct"), (r["row_id"] for r in created)))
+                   for (i, text), parent in zip(fixed, parents)]
+        new_id = {i: r["row_id"] for (i, _), r in zip(fixed, created)}
         rejected = []
         for i in range(n):
             if action[i] != "filter":

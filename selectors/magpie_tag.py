@@ -16,8 +16,8 @@ also writes ``magpie_other_tags``; ``input_quality`` and ``difficulty`` also wri
 ``reward`` needs a reward model (``reward_model``: a local sequence-classification folder,
 :mod:`thresher.generators.reward`): it writes ``magpie_reward`` for rows that end with a
 response (``magpie_reward_failure = no_response`` for the others) and ``magpie_reward_model``.
-None is embedded, so by default the stage does not compute it and its summary says so. The filter is the declarative
-``select`` (e.g. ``magpie_input_quality_rank >= 4``).
+None is embedded, so by default the stage does not compute it and its summary says so. The
+filter is the declarative ``select`` (e.g. ``magpie_input_quality_rank >= 4``).
 """
 
 from __future__ import annotations
