@@ -2,6 +2,7 @@
 
     thresher ingest INPUT... --out DIR     normalize + quarantine + write, no selection
     thresher run CONFIG [--input PATH]... [--out DIR] [--dask-address ADDR] [--workers N]
+    thresher kd-check OUT --student MODEL  does MODEL's tokenizer give the KD teacher's token ids?
 
 Failures exit non-zero with a one-line reason on stderr (``--debug`` shows the traceback).
 """
@@ -230,6 +231,39 @@ def magpie_template(
                                "end_of_turn_ids": list(pre.end_of_turn_ids), "system_prompt": pre.system_prompt},
                               ensure_ascii=False, indent=2))
         typer.echo(f"pre-query: {pre.text!r}")
+    except BaseException as err:
+        _fail(err, debug)
+
+
+@app.command("kd-check")
+def kd_check(
+    out: Path = typer.Argument(..., help="an output folder with KD labels (kd_logprobs / kd_generate)"),
+    student: str = typer.Option(..., "--student", help="the student model (or a folder of its tokenizer files)"),
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Check that STUDENT's tokenizer gives the teacher's token ids, as logit-level KD needs: exit 0 when
+    it does, 2 (with what differs) when it does not."""
+    try:
+        from thresher.generators.model_files import load_tokenizer, resolve_model_path
+        from thresher.generators.tokenizer_fingerprint import chat_template_digest
+        from thresher.schemas.kd_reader import KDTokenizerMismatch, check_student_tokenizer, read_kd_metadata_of
+
+        folder = Path(student).expanduser()
+        tokenizer = load_tokenizer(folder if folder.is_dir() else resolve_model_path(student)[0])
+        try:
+            check_student_tokenizer(out, tokenizer)
+        except KDTokenizerMismatch as err:
+            typer.echo(f"thresher: kd-check: {err}", err=True)
+            raise typer.Exit(code=2)
+        for teacher in read_kd_metadata_of(out):
+            typer.echo(f"ok: {student} shares the tokenizer of {teacher['teacher']} "
+                       f"({teacher['tokenizer']['vocab_size']} entries, fingerprint {teacher['tokenizer']['digest']}), "
+                       f"k={teacher['k']}, {teacher['mode']}")
+            if teacher.get("chat_template_digest") != chat_template_digest(tokenizer):
+                typer.echo("note: the student's chat template differs from the teacher's; the labels are aligned "
+                           "to the stored kd_prompt_token_ids / kd_token_ids, so train on those ids")
+    except typer.Exit:
+        raise
     except BaseException as err:
         _fail(err, debug)
 

@@ -14,7 +14,10 @@ What each method is for:
 - :meth:`ModelBackend.next_token_logprobs` — the next-token log-probabilities of a
   given set of single-token strings ("1".."6" for deita, "A","B","C" for CLEAR's
   self-reflection).
-- top-k log-probs per generated position — ``SamplingParams.top_logprobs`` (KD).
+- top-k log-probs per generated position — ``SamplingParams.top_logprobs`` (KD), as
+  :class:`TopK` arrays.
+- :meth:`ModelBackend.continuation_topk` — the top-k log-probs at every token of
+  given continuations, teacher-forced (KD labelling of existing responses).
 - :meth:`ModelBackend.embed` — sentence embeddings, or a causal LM's last-layer
   hidden state at the last token (deita's representation).
 
@@ -82,6 +85,63 @@ class SamplingParams:
         }
 
 
+@dataclass(eq=False)
+class TopK:
+    """The k most likely tokens at each of T positions, as two ``(T, k)`` arrays.
+
+    ``ids`` (int32) and ``logprobs`` (float32), most likely first (ties by id). A
+    position where a server returned fewer than k entries is padded with id -1 and
+    log-prob -inf. Arrays rather than Python pairs: 100k rows x 512 tokens x k=20
+    would be a billion tuples. ``top[t]`` gives position t as ``[(id, logprob), ...]``
+    without the padding, for reading and tests.
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=np.int32)
+        self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+        if self.ids.ndim != 2 or self.ids.shape != self.logprobs.shape:
+            raise ValueError(f"TopK needs two (T, k) arrays, got {self.ids.shape} and {self.logprobs.shape}")
+
+    @classmethod
+    def empty(cls, k: int) -> "TopK":
+        return cls(np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+
+    @classmethod
+    def from_pairs(cls, positions: Sequence[Sequence[tuple[int, float]]], k: int) -> "TopK":
+        """From per-position ``(id, logprob)`` lists: sorted, cut to k, padded to k."""
+        ids = np.full((len(positions), k), -1, np.int32)
+        lps = np.full((len(positions), k), -np.inf, np.float32)
+        for t, pairs in enumerate(positions):
+            best = sorted(((int(i), float(lp)) for i, lp in pairs), key=lambda p: (-p[1], p[0]))[:k]
+            if best:
+                ids[t, :len(best)] = [i for i, _ in best]
+                lps[t, :len(best)] = [lp for _, lp in best]
+        return cls(ids, lps)
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, t: int) -> list[tuple[int, float]]:
+        return [(int(i), float(lp)) for i, lp in zip(self.ids[t], self.logprobs[t]) if i >= 0]
+
+    def __iter__(self):
+        return (self[t] for t in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TopK) and np.array_equal(self.ids, other.ids)
+                and np.array_equal(self.logprobs, other.logprobs))
+
+    def copy(self) -> "TopK":
+        return TopK(self.ids.copy(), self.logprobs.copy())
+
+
 @dataclass
 class Completion:
     """One sampled continuation."""
@@ -89,8 +149,8 @@ class Completion:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "stop"  # "stop" or "length"
-    # top_logprobs[position] = [(token_id, logprob), ...] (k entries), when asked for
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    #: the top-k at each generated position (one row per token id), when asked for
+    top_logprobs: TopK | None = None
 
 
 @dataclass
@@ -129,6 +189,22 @@ class ContinuationScore:
     @property
     def mean(self) -> float:
         return self.sum / self.n_tokens if self.token_logprobs else float("nan")
+
+
+@dataclass
+class ContinuationTopK:
+    """The teacher's top-k at every token of a continuation, teacher-forced (KD labelling).
+
+    ``prompt_ids`` and ``token_ids`` are the token ids as the model saw them (int32);
+    ``topk`` row t is the distribution that predicted ``token_ids[t]`` given the prompt
+    and ``token_ids[:t]``. ``truncated``: prompt + continuation did not fit and the
+    continuation was cut from the right (the arrays cover the kept tokens).
+    """
+
+    prompt_ids: np.ndarray
+    token_ids: np.ndarray
+    topk: TopK
+    truncated: bool = False
 
 
 def restrict_logprobs(logprobs: np.ndarray) -> np.ndarray:
@@ -203,6 +279,21 @@ class ModelBackend(ABC):
         prompt. ``max_tokens`` caps prompt + continuation length (default: the
         model's context); longer inputs are truncated from the right and flagged.
         """
+
+    def continuation_topk(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        k: int,
+        max_tokens: int | None = None,
+    ) -> list[ContinuationTopK]:
+        """The top-k of the raw full-vocabulary log-probs at every continuation token.
+
+        Teacher-forced like :meth:`continuation_logprobs` (same tokenization, same
+        truncation): temperature 1, before top-p, float32. A backend that cannot
+        raises :class:`ModelError` saying so.
+        """
+        raise ModelError(f"the {type(self).__name__} cannot give teacher-forced top-k log-probs")
 
     @abstractmethod
     def next_token_logprobs(

@@ -51,11 +51,13 @@ import torch
 from thresher.generators.base import (
     Completion,
     ContinuationScore,
+    ContinuationTopK,
     Generation,
     Message,
     ModelBackend,
     ModelError,
     SamplingParams,
+    TopK,
 )
 from thresher.generators.backend_common import PromptEncoder, resolve_single_tokens, truncate_pair
 from thresher.generators.batching import pad_batch, plan_batches
@@ -262,6 +264,57 @@ class HFBackend(ModelBackend):
         gathered at the continuation's ids; prompt positions are never scored.
         """
         self._require_lm("score continuations")
+        p_ids, c_ids, truncated = self._forced_pairs(prompts, continuations, max_tokens)
+        results: list[ContinuationScore | None] = [None] * len(p_ids)
+        for batch, ids, select in self._forced_batches(p_ids, c_ids):
+            labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[select]
+
+            def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+                picked = logits.gather(-1, labels[sl, None]).squeeze(-1)
+                return picked - log_normalizer_(logits)
+
+            flat = self._selected.run(ids, select, reduce).double().cpu().tolist()
+            start = 0
+            for i in batch:
+                n = len(c_ids[i])
+                results[i] = ContinuationScore(
+                    token_ids=list(c_ids[i]), token_logprobs=flat[start:start + n], truncated=truncated[i]
+                )
+                start += n
+        return [r for r in results if r is not None]
+
+    def continuation_topk(
+        self, prompts: Sequence[str], continuations: Sequence[str], k: int, max_tokens: int | None = None,
+    ) -> list[ContinuationTopK]:
+        """Teacher-forced top-k of float32 ``log_softmax`` of the raw logits at every continuation
+        token; only those positions go through the LM head (batched as :meth:`continuation_logprobs`)."""
+        self._require_lm("give top-k log-probs")
+        k = int(k)
+        p_ids, c_ids, truncated = self._forced_pairs(prompts, continuations, max_tokens)
+        results: list[ContinuationTopK | None] = [None] * len(p_ids)
+        for batch, ids, select in self._forced_batches(p_ids, c_ids):
+
+            def reduce(logits: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                values, indices = torch.topk(logits, k, dim=-1)  # sorted, most likely first
+                return values - log_normalizer_(logits)[:, None], indices
+
+            if bool(select.any()):
+                lps, tids = self._selected.run(ids, select, reduce)
+                lps, tids = lps.float().cpu().numpy(), tids.cpu().numpy().astype(np.int32)
+            else:  # every continuation of the batch is empty (or cut away)
+                lps, tids = np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+            start = 0
+            for i in batch:
+                n = len(c_ids[i])
+                results[i] = ContinuationTopK(
+                    prompt_ids=np.asarray(p_ids[i], np.int32), token_ids=np.asarray(c_ids[i], np.int32),
+                    topk=TopK(tids[start:start + n], lps[start:start + n]), truncated=truncated[i])
+                start += n
+        return [r for r in results if r is not None]
+
+    def _forced_pairs(self, prompts: Sequence[str], continuations: Sequence[str],
+                      max_tokens: int | None) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """Prompt ids, continuation ids and truncation flags for teacher forcing."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         cap = self.context if max_tokens is None else max(0, min(int(max_tokens), self.context))
@@ -270,31 +323,19 @@ class HFBackend(ModelBackend):
         truncated = [False] * len(p_ids)
         for i, (p, c) in enumerate(zip(p_ids, c_ids)):
             p_ids[i], c_ids[i], truncated[i] = truncate_pair(p, c, cap)
-        results: list[ContinuationScore | None] = [None] * len(p_ids)
+        return p_ids, c_ids, truncated
+
+    def _forced_batches(self, p_ids: list[list[int]], c_ids: list[list[int]]):
+        """Yield ``(indices, right-padded ids, positions that predict a continuation token)`` per batch,
+        under the model lock and ``inference_mode``."""
         with self._lock, torch.inference_mode():
             for batch in self._batches([len(p_ids[i]) + len(c_ids[i]) for i in range(len(p_ids))]):
-                seqs = [p_ids[i] + c_ids[i] for i in batch]
-                ids, _, _ = pad_batch(seqs, self.pad_id, "right", self.device)
+                ids, _, _ = pad_batch([p_ids[i] + c_ids[i] for i in batch], self.pad_id, "right", self.device)
                 plen = torch.tensor([len(p_ids[i]) for i in batch], device=self.device)[:, None]
                 clen = torch.tensor([len(c_ids[i]) for i in batch], device=self.device)[:, None]
                 pos = torch.arange(ids.shape[1], device=self.device)[None, :]
-                # position t predicts token t + 1: score positions plen-1 .. plen+clen-2
-                select = (pos >= plen - 1) & (pos < plen + clen - 1)
-                labels = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[select]
-
-                def reduce(logits: torch.Tensor, sl: slice) -> torch.Tensor:
-                    picked = logits.gather(-1, labels[sl, None]).squeeze(-1)
-                    return picked - log_normalizer_(logits)
-
-                flat = self._selected.run(ids, select, reduce).double().cpu().tolist()
-                start = 0
-                for i in batch:
-                    n = len(c_ids[i])
-                    results[i] = ContinuationScore(
-                        token_ids=list(c_ids[i]), token_logprobs=flat[start:start + n], truncated=truncated[i]
-                    )
-                    start += n
-        return [r for r in results if r is not None]
+                # position t predicts token t + 1: positions plen-1 .. plen+clen-2
+                yield batch, ids, (pos >= plen - 1) & (pos < plen + clen - 1)
 
     def resolve_single_tokens(self, candidates: Sequence[str]) -> list[int]:
         """Each candidate string's one token id in this tokenizer (see
@@ -385,7 +426,7 @@ class HFBackend(ModelBackend):
             comps = [found[(i, 0 if greedy else j)] for j in range(max(1, params.n))]
             if greedy:  # n identical greedy completions, as separate objects
                 comps = [Completion(c.text, list(c.token_ids), c.finish_reason,
-                                    None if c.top_logprobs is None else [list(x) for x in c.top_logprobs])
+                                    None if c.top_logprobs is None else c.top_logprobs.copy())
                          for c in comps]
             out.append(Generation(prompt=prompt, completions=comps))
         return out

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from thresher.generators.backend_common import StopScanner, trim_at_stop
-from thresher.generators.base import Completion, SamplingParams
+from thresher.generators.base import Completion, SamplingParams, TopK
 from thresher.generators.batching import pad_batch
 from thresher.generators.sampling import row_uniforms, select_tokens
 
@@ -95,7 +95,7 @@ def decode_batch(
     gen = torch.stack(generated, dim=1).cpu() if generated else torch.zeros((rows, 0), dtype=torch.long)
     tops = None
     if k and top_ids:
-        tops = (torch.stack(top_ids, dim=1).cpu().tolist(), torch.stack(top_lps, dim=1).double().cpu().tolist())
+        tops = (torch.stack(top_ids, dim=1).cpu().numpy(), torch.stack(top_lps, dim=1).cpu().numpy())
     comps = []
     for r in range(rows):
         n = int(n_gen[r])
@@ -105,6 +105,6 @@ def decode_batch(
         reason = "stop" if (bool(by_token[r]) or by_string[r] or cut) else "length"
         top = None
         if k:
-            top = [] if tops is None else [list(zip(tops[0][r][t], tops[1][r][t])) for t in range(n)]
+            top = TopK.empty(k) if tops is None else TopK(tops[0][r, :n], tops[1][r, :n])
         comps.append(Completion(text=text, token_ids=toks, finish_reason=reason, top_logprobs=top))
     return comps

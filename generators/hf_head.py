@@ -21,7 +21,8 @@ import torch
 #: best block size here, and no page faulting of a fresh half-gigabyte per chunk)
 LOGITS_CHUNK_BYTES = 1 << 28
 
-Reduce = Callable[[torch.Tensor, slice], torch.Tensor]
+#: ``reduce(logits_chunk, chunk_slice)`` -> a tensor, or a tuple of tensors, per position
+Reduce = Callable[[torch.Tensor, slice], Any]
 
 
 def log_normalizer_(logits: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,9 @@ class SelectedLogits:
             self._buf = torch.empty(rows, vocab, dtype=torch.float32)
         return self._buf
 
-    def run(self, ids: torch.Tensor, select: torch.Tensor, reduce: Reduce) -> torch.Tensor:
-        """``reduce(logits_chunk, chunk_slice)`` over the positions ``select`` (bool, B x L), concatenated.
+    def run(self, ids: torch.Tensor, select: torch.Tensor, reduce: Reduce) -> Any:
+        """``reduce(logits_chunk, chunk_slice)`` over the positions ``select`` (bool, B x L), concatenated
+        (element-wise when ``reduce`` returns a tuple).
 
         ``ids`` is right-padded, so no attention mask is needed. ``reduce`` may
         overwrite the logits it is given (they live in a reused buffer).
@@ -95,6 +97,8 @@ class SelectedLogits:
             logits = self.model(input_ids=ids, use_cache=False).logits[select].float()
             n = logits.shape[0]
             parts = [reduce(logits[a:a + chunk], slice(a, min(a + chunk, n))) for a in range(0, n, chunk)]
+        if parts and isinstance(parts[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*parts))
         return torch.cat(parts) if parts else torch.empty(0, device=self.device)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ from thresher.generators.backend_common import (
     parse_token_id,
     trim_at_stop,
 )
-from thresher.generators.base import Completion, ModelError, SamplingParams
+from thresher.generators.base import Completion, ModelError, SamplingParams, TopK
 from thresher.generators.model_files import load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class CompletionReader:
             token_ids = []
         top = None
         if params.top_logprobs:
-            top = [self._top(d, params.top_logprobs) for d in tops]
+            top = TopK.from_pairs([self._top(d, params.top_logprobs) for d in tops], params.top_logprobs)
         return Completion(text=text, token_ids=[int(t) for t in token_ids],
                           finish_reason=finish_reason(choice.get("finish_reason"), cut), top_logprobs=top)
 

@@ -30,10 +30,12 @@ from thresher.generators.base import (
     BackendKind,
     Completion,
     ContinuationScore,
+    ContinuationTopK,
     Generation,
     Message,
     ModelBackend,
     SamplingParams,
+    TopK,
 )
 from thresher.generators.embedded import cache_dir
 
@@ -147,11 +149,31 @@ def _array_from_json(d: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["b64"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
 
 
+def _topk_to_json(top: TopK) -> dict[str, Any]:
+    return {"ids": _array_to_json(top.ids), "logprobs": _array_to_json(top.logprobs)}
+
+
+def _topk_from_json(d: dict[str, Any] | list) -> TopK:
+    if isinstance(d, list):  # stored as [[[id, logprob], ...] per position] before TopK (k: the widest)
+        return TopK.from_pairs(d, max((len(pos) for pos in d), default=0))
+    return TopK(_array_from_json(d["ids"]), _array_from_json(d["logprobs"]))
+
+
+def _forced_topk_to_json(r: ContinuationTopK) -> dict[str, Any]:
+    return {"prompt_ids": _array_to_json(r.prompt_ids), "token_ids": _array_to_json(r.token_ids),
+            "topk": _topk_to_json(r.topk), "truncated": bool(r.truncated)}
+
+
+def _forced_topk_from_json(d: dict[str, Any]) -> ContinuationTopK:
+    return ContinuationTopK(prompt_ids=_array_from_json(d["prompt_ids"]), token_ids=_array_from_json(d["token_ids"]),
+                            topk=_topk_from_json(d["topk"]), truncated=d["truncated"])
+
+
 def _completions_to_json(g: Generation) -> list[dict[str, Any]]:
     return [
         {
             "text": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
-            "top_logprobs": None if c.top_logprobs is None else [[[int(t), float(lp)] for t, lp in pos] for pos in c.top_logprobs],
+            "top_logprobs": None if c.top_logprobs is None else _topk_to_json(c.top_logprobs),
         }
         for c in g.completions
     ]
@@ -161,7 +183,7 @@ def _generation_from_json(prompt: str, v: list[dict[str, Any]]) -> Generation:
     return Generation(prompt=prompt, completions=[
         Completion(
             text=c["text"], token_ids=list(c["token_ids"]), finish_reason=c["finish_reason"],
-            top_logprobs=None if c["top_logprobs"] is None else [[(int(t), float(lp)) for t, lp in pos] for pos in c["top_logprobs"]],
+            top_logprobs=None if c["top_logprobs"] is None else _topk_from_json(c["top_logprobs"]),
         )
         for c in v
     ])
@@ -297,6 +319,20 @@ class CachedBackend(ModelBackend):
             lambda s: {"token_ids": list(s.token_ids), "token_logprobs": [float(x) for x in s.token_logprobs],
                        "truncated": bool(s.truncated)},
             lambda i, v: ContinuationScore(v["token_ids"], v["token_logprobs"], v["truncated"]),
+        )
+
+    def continuation_topk(
+        self, prompts: Sequence[str], continuations: Sequence[str], k: int, max_tokens: int | None = None,
+    ) -> list[ContinuationTopK]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        items = [[p, c] for p, c in zip(prompts, continuations)]
+        return self._cached(
+            "continuation_topk", {"k": int(k), "max_tokens": max_tokens}, items,
+            lambda idx: self.inner.continuation_topk(
+                [prompts[i] for i in idx], [continuations[i] for i in idx], k, max_tokens),
+            _forced_topk_to_json,
+            lambda i, v: _forced_topk_from_json(v),
         )
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:

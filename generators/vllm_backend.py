@@ -8,7 +8,8 @@ candidates and Magpie's n samples share their prompt) and
 (:class:`~thresher.generators.backend_common.PromptEncoder`), so both backends
 score the same token ids.
 
-- ``continuation_logprobs``: ``SamplingParams(max_tokens=1, prompt_logprobs=0)``
+- ``continuation_logprobs`` (and ``continuation_topk``, with ``prompt_logprobs=k``):
+  ``SamplingParams(max_tokens=1, prompt_logprobs=0)``
   on prompt + continuation ids; ``RequestOutput.prompt_logprobs`` holds one
   ``dict[token_id, Logprob]`` per position (``None`` first), always including
   the actual token; the continuation's positions are read off by index.
@@ -76,10 +77,12 @@ from thresher.generators.backend_common import (
 from thresher.generators.base import (
     Completion,
     ContinuationScore,
+    ContinuationTopK,
     Generation,
     ModelBackend,
     ModelError,
     SamplingParams,
+    TopK,
 )
 from thresher.generators.model_files import backend_kind, load_tokenizer, resolve_model_path
 from thresher.schemas.model_config import ModelConfig
@@ -292,9 +295,10 @@ class VLLMBackend(ModelBackend):
     def _run(self, prompts: list[Any], params: Any) -> list[Any]:
         return self._engine().generate(prompts, params, use_tqdm=False) if prompts else []
 
-    def _prompt_logprobs(self, seqs: list[list[int]]) -> list[list[Any]]:
-        """``prompt_logprobs`` (one entry per position, ``None`` first) of each sequence."""
-        sp = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    def _prompt_logprobs(self, seqs: list[list[int]], k: int = 0) -> list[list[Any]]:
+        """``prompt_logprobs`` (one entry per position, ``None`` first) of each sequence: the actual
+        token's entry, plus the top ``k``."""
+        sp = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
         outs = self._run([self._prompt(s) for s in seqs], sp)
         result = []
         for s, out in zip(seqs, outs):
@@ -324,6 +328,30 @@ class VLLMBackend(ModelBackend):
         for i, ent in zip(todo, entries):
             p, c, cut = pairs[i]
             out[i] = score_positions(p + c, len(p), ent, truncated=cut)
+        return out
+
+    def continuation_topk(
+        self, prompts: Sequence[str], continuations: Sequence[str], k: int, max_tokens: int | None = None,
+    ) -> list[ContinuationTopK]:
+        """Teacher-forced top-k from ``prompt_logprobs=k`` (raw log-probs; the actual token's
+        extra entry, when it is not in the top k, is dropped). At most ``MAX_LOGPROBS``."""
+        self._require_lm("give top-k log-probs")
+        k = int(k)
+        if k > MAX_LOGPROBS:
+            raise ModelError(f"k={k} exceeds the engine's max_logprobs={MAX_LOGPROBS}")
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        cap = self.context - 1 if max_tokens is None else max(0, min(int(max_tokens), self.context - 1))
+        p_ids = [p if p else self.encoder.start_ids() for p in self.encoder.encode_prompts(prompts)]
+        pairs = [truncate_pair(p, c, cap) for p, c in zip(p_ids, self.encoder.encode_continuations(continuations))]
+        todo = [i for i, (_, c, _) in enumerate(pairs) if c]
+        entries = dict(zip(todo, self._prompt_logprobs([pairs[i][0] + pairs[i][1] for i in todo], k)))
+        out = []
+        for i, (p, c, cut) in enumerate(pairs):
+            positions = entries.get(i, [None] * len(p))[len(p):len(p) + len(c)]
+            top = TopK.from_pairs([top_k_pairs(pos or {}, k) for pos in positions], k)
+            out.append(ContinuationTopK(prompt_ids=np.asarray(p, np.int32), token_ids=np.asarray(c, np.int32),
+                                        topk=top, truncated=cut))
         return out
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
@@ -379,7 +407,7 @@ class VLLMBackend(ModelBackend):
 
     def _completion(self, o: Any, params: SamplingParams, k: int) -> Completion:
         text, cut = trim_at_stop(o.text, params.stop)
-        top = [top_k_pairs(pos, k) for pos in (o.logprobs or [])] if k else None
+        top = TopK.from_pairs([top_k_pairs(pos, k) for pos in (o.logprobs or [])], k) if k else None
         return Completion(text=text, token_ids=[int(t) for t in o.token_ids],
                           finish_reason=finish_reason(o.finish_reason, cut), top_logprobs=top)
 

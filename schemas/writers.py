@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from thresher.schemas.kd import with_kd_metadata
 from thresher.schemas.records import RECORD_SCHEMA
 from thresher.schemas.secrets import redact
 
@@ -59,6 +60,8 @@ def write_outputs(out: Path, kept: pa.Table, rejected: pa.Table, replaced: pa.Ta
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"
     data, attributes = split_output(kept)
+    attributes = with_kd_metadata(attributes)  # the teacher of KD labels, in the schema metadata
+    data = data.replace_schema_metadata({**(data.schema.metadata or {}), **(attributes.schema.metadata or {})})
     files = {
         "data": _write_parts(data, staging / "data", rows_per_file),
         "attributes": _write_parts(attributes, staging / "attributes", rows_per_file),

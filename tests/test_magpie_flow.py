@@ -1,8 +1,9 @@
 """Magpie end to end in the real flow: rows made from nothing, answered, deduplicated, selected.
 
 A real `thresher run` (Prefect + a local Dask cluster + the embedded SmolLM2) is killed while
-the `magpie` source stage generates, resumed, and compared with a clean run of the same
-config in another folder: the same rows, no finished task made twice, the ledger reconciled
+the `magpie` source stage generates, resumed on two Dask workers, and compared with a clean
+run of the same config in another folder on one worker: the same rows and the same KD labels
+(the pipeline ends with `kd_logprobs`), no finished task made twice, the ledger reconciled
 with the created and replaced rows counted. (The request cache is off, so the clean run
 draws every row again. The tags are tested in tests/test_magpie_dedup.py; the example config
 runs them all.)
@@ -34,6 +35,7 @@ stages:
   - {{stage: magpie_response, max_tokens: 6, request_cache: false}}
   - {{stage: magpie_dedup, request_cache: false}}
   - {{stage: select, where: ["magpie_instruction_ends_with_colon == 0"], order_by: magpie_response_tokens, budget: 100}}
+  - {{stage: kd_logprobs, k: 4, request_cache: false}}
 """
 
 
@@ -44,6 +46,12 @@ def _run(config: Path, out: Path, **kwargs):
 
 def _finished(folder: Path) -> int:
     return sum(1 for d in folder.glob("*/result.json")) if folder.is_dir() else 0
+
+
+def _workers(out: Path, *stages: str) -> set[str]:
+    """The Dask workers that computed these stages' results."""
+    return {json.loads(f.read_text())["worker"] for stage in stages
+            for f in (out / ".thresher" / stage).glob("*/result.json")}
 
 
 def _table(out: Path, name: str) -> list[dict]:
@@ -66,20 +74,26 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
     finished_before_kill = _finished(made)
     assert 2 <= finished_before_kill < TASKS and not (killed / "manifest.json").exists()
 
-    # resume, then a clean run in another folder: in this process (the CLI's code), on one warm
-    # Dask worker given by address (its imports are paid once)
+    # resume on two warm Dask workers, then a clean run in another folder on one: in this process
+    # (the CLI's code), on a cluster given by address (its imports are paid once)
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         run = lambda out: execute(apply_overrides(load_config(config), out=str(out),  # noqa: E731
                                                   dask_address=cluster.scheduler_address), show_progress=False)
         manifest = run(killed)
         magpie = manifest["stages"][0]
         assert magpie["cached"] == finished_before_kill and magpie["computed"] == TASKS - finished_before_kill
+        assert len(_workers(killed, "magpie_response", "magpie_dedup", "kd_logprobs")) == 2
+        cluster.scale(1)
+        while len(cluster.scheduler_info["workers"]) != 1:
+            time.sleep(0.05)
         assert run(clean)["counts"] == manifest["counts"]
-    # the same config twice: the same rows, the same ids (the other run had its own store)
+        assert len(_workers(clean, "magpie_response", "magpie_dedup", "kd_logprobs")) == 1
+    # the same config twice, on 2 workers and on 1: the same rows, the same ids, the same KD labels
     data = _table(killed, "data")
     assert data == _table(clean, "data") and _table(killed, "rejected") == _table(clean, "rejected")
+    assert _table(killed, "attributes") == _table(clean, "attributes")
 
     c = manifest["counts"]
     assert c["input"] == 0 and c["created_by_stage"]["magpie"] == 2 * TASKS
@@ -106,4 +120,5 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
         a = attributes[row["row_id"]]
         assert a["repeat_count"] >= 1 and a["min_neighbor_distance"] is not None
         assert a["magpie_response_tokens"] >= 1
+        assert len(a["kd_token_ids"]) == len(a["kd_topk_ids"]) > 0 and len(a["kd_topk_ids"][0]) == 4
     assert f"0 rows read + {c['created']} created = " in (killed / "report.md").read_text()

@@ -143,6 +143,12 @@ def test_top_k_logprobs_per_position_agree_with_hf(vb, hf):
     (g,), (r,) = vb.generate([chat(hf, "Name three fruits.")], params), hf.generate([chat(hf, "Name three fruits.")], params)
     got, ref = g.completions[0].top_logprobs, r.completions[0].top_logprobs
     assert len(got) == len(g.completions[0].token_ids) and all(len(p) == k for p in got)
+    _same_topk(got, ref)
+
+
+def _same_topk(got, ref) -> None:
+    """Top-k at each position: the same (token, log-prob) pairs, except ties at the cut."""
+    assert len(got) == len(ref) > 0
     for pos_got, pos_ref in zip(got, ref):
         mine, theirs = dict(pos_got), dict(pos_ref)
         kth = min(theirs.values())
@@ -150,6 +156,16 @@ def test_top_k_logprobs_per_position_agree_with_hf(vb, hf):
             assert abs(theirs.get(token, mine.get(token)) - kth) < TOKEN_ATOL
         for token in set(mine) & set(theirs):
             assert abs(mine[token] - theirs[token]) < TOKEN_ATOL
+
+
+def test_teacher_forced_top_k_agrees_with_hf(vb, hf):
+    """KD labelling of existing responses (kd_logprobs): ``prompt_logprobs=k``, the extra entry dropped."""
+    prompts = [chat(hf, "Name a fruit."), chat(hf, "Say hi.")]
+    responses = ["An apple is a fruit.<|im_end|>\n", "Hi there!<|im_end|>\n"]
+    for got, ref in zip(vb.continuation_topk(prompts, responses, 8), hf.continuation_topk(prompts, responses, 8)):
+        assert list(got.prompt_ids) == list(ref.prompt_ids) and list(got.token_ids) == list(ref.token_ids)
+        assert got.topk.k == 8 and len(got.topk) == len(got.token_ids) and not got.truncated
+        _same_topk(got.topk, ref.topk)
 
 
 def test_greedy_generation_matches_hf(vb, hf):
