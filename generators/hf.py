@@ -27,7 +27,7 @@ What is computed, and the choices made:
 - **Decoding** is a hand-written loop over a KV cache
   (:func:`~thresher.generators.hf_decode.decode_batch`), kept rather than
   ``model.generate``: a test pins its greedy output to ``generate(do_sample=False)``
-  over 48 tokens, and ``generate`` would need a custom logits processor and
+  over 32 tokens, and ``generate`` would need a custom logits processor and
   stopping criterion to sample per prompt independently of the batch (see
   :mod:`thresher.generators.hf_decode`).
 - **Truncation**: ``continuation_logprobs`` cuts prompt + continuation from the

@@ -2,7 +2,7 @@
 
 Why a hand-written loop rather than transformers' ``model.generate``:
 ``tests/test_models_hf.py::test_greedy_decode_equals_transformers_generate``
-checks that its greedy tokens equal ``generate(do_sample=False)`` over 48 new
+checks that its greedy tokens equal ``generate(do_sample=False)`` over 32 new
 tokens, for a batch of prompts of different lengths and for each prompt alone.
 What the loop adds, and ``generate`` would need a custom logits processor,
 a stopping criterion and its own post-processing for (so it would not be

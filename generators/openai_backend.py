@@ -25,6 +25,10 @@ Tokenization
 ``continuation_logprobs``
     ``echo`` log-probs of prompt + continuation, capped at context - 1 tokens.
 
+``continuation_topk`` (KD labels)
+    ``echo`` with ``logprobs: k`` on token-id prompts (``vllm serve``); a text-only server
+    (llama.cpp) is refused with an error saying so.
+
 ``next_token_logprobs``
     One ``max_tokens: 1, logprobs: 20`` request per prompt (the top-20 of the
     full next-token distribution; vLLM's default ``--max-logprobs`` is 20).
@@ -67,11 +71,13 @@ from thresher.generators.backend_common import candidate_row, resolve_single_tok
 from thresher.generators.base import (
     BackendKind,
     ContinuationScore,
+    ContinuationTopK,
     Generation,
     Message,
     ModelBackend,
     ModelError,
     SamplingParams,
+    TopK,
 )
 from thresher.generators.model_files import backend_kind
 from thresher.generators.openai_echo import EchoScorer
@@ -295,6 +301,51 @@ class OpenAIBackend(ModelBackend):
             prompt = self.vocab.decode(p_ids)
         values = await self.echo.score(prompt, cont, p_ids, c_ids)
         return ContinuationScore(token_ids=list(c_ids), token_logprobs=values, truncated=truncated)
+
+    def continuation_topk(
+        self, prompts: Sequence[str], continuations: Sequence[str], k: int, max_tokens: int | None = None,
+    ) -> list[ContinuationTopK]:
+        """Teacher-forced top-k from ``echo`` with ``logprobs: k`` on token-id prompts (``vllm serve``).
+
+        A server that takes only text prompts (llama.cpp) is refused: its echoed top-k could not
+        be tied to the ids a student trains on. A server that echoes fewer entries is refused too.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if not prompts:
+            return []
+        enc = self.vocab.encoder
+        p_ids = [p if p else enc.start_ids() for p in enc.encode_prompts(prompts)]
+        c_ids = enc.encode_continuations(continuations)
+
+        async def run() -> list[ContinuationTopK]:
+            await self.server.setup()
+            if self.server.mode != "ids":
+                raise ModelError(
+                    f"{self.base_url} takes only text prompts, so its echoed top-k cannot be tied to token ids: "
+                    "teacher-forced KD labels need a server that takes token-id prompts (vllm serve), or "
+                    "backend: hf / vllm")
+            cap = self.server.context - 1 if self.server.context else None
+            if max_tokens is not None:
+                cap = max(0, int(max_tokens)) if cap is None else min(cap, max(0, int(max_tokens)))
+            return list(await asyncio.gather(*(self._topk_one(*truncate_pair(p, c, cap), int(k))
+                                               for p, c in zip(p_ids, c_ids))))
+
+        return self._run(run())
+
+    async def _topk_one(self, p_ids: list[int], c_ids: list[int], cut: bool, k: int) -> ContinuationTopK:
+        top = TopK.empty(k)
+        if c_ids:
+            seq = p_ids + c_ids
+            resp = await self.transport.post("/completions", {**self.echo.body(seq), "logprobs": k})
+            entries = logprobs_of(resp).get("top_logprobs") or []
+            if len(entries) < len(seq) or any(not entries[pos] for pos in range(len(p_ids), len(seq))):
+                raise ModelError(f"{self.base_url} echoed top-k log-probs for {len(entries)} of {len(seq)} "
+                                 "prompt positions: it cannot give teacher-forced KD labels")
+            top = TopK.from_pairs([top_entries(self.vocab, entries[pos])[0].items()
+                                   for pos in range(len(p_ids), len(seq))], k)
+        return ContinuationTopK(prompt_ids=np.asarray(p_ids, np.int32), token_ids=np.asarray(c_ids, np.int32),
+                                topk=top, truncated=cut)
 
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """Full-vocabulary log p(candidate | prompt), shape ``(P, C)`` (see the module docstring)."""

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from thresher.schemas.kd import with_kd_metadata
+from thresher.schemas.kd import kd_parquet_options, with_kd_metadata
 from thresher.schemas.records import RECORD_SCHEMA
 from thresher.schemas.secrets import redact
 
@@ -42,7 +42,7 @@ def _write_parts(table: pa.Table, folder: Path, rows_per_file: int) -> list[str]
     n_parts = max(1, -(-table.num_rows // rows_per_file))
     for part in range(n_parts):
         name = f"part-{part:05d}.parquet"
-        pq.write_table(table.slice(part * rows_per_file, rows_per_file), folder / name)
+        pq.write_table(table.slice(part * rows_per_file, rows_per_file), folder / name, **kd_parquet_options(table))
         names.append(name)
     return names
 

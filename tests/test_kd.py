@@ -128,10 +128,9 @@ def test_train_kd_lowers_the_loss_and_another_tokenizer_is_refused_first(labelle
     assert len(losses) == 6 and losses[-1] < losses[0]
 
     # Gemma-3's tokenizer gives other ids: refused before any model is loaded or any step is run
+    # (by check_student_tokenizer, which `thresher kd-check` runs alone)
     assert train_kd.main([str(out), "--student", "embedded:gemma-3-270m", "--fresh", "--steps", "2"]) == 2
     printed = capsys.readouterr()
     assert "step " not in printed.out and "vocabulary (49152 vs 262144 entries)" in printed.err
-    refused = CliRunner().invoke(app, ["kd-check", str(out), "--student", "embedded:gemma-3-270m"])
-    assert refused.exit_code == 2 and "vocabulary (49152 vs 262144 entries)" in refused.output
     accepted = CliRunner().invoke(app, ["kd-check", str(out), "--student", SMOL])
     assert accepted.exit_code == 0 and accepted.output.startswith(f"ok: {SMOL} shares the tokenizer of hf:embedded")

@@ -217,7 +217,7 @@ def _transformers_greedy(backend, prompts: list[str], new_tokens: int) -> list[l
 
 def test_greedy_decode_equals_transformers_generate(smollm2_backend):
     """The hand-written decode loop is transformers' greedy search, batched and one prompt at a time."""
-    n = 48
+    n = 32
     params = SamplingParams(max_tokens=n)
     ours = [g.completions[0].token_ids for g in smollm2_backend.generate(DECODE_PROMPTS, params)]
     assert ours == _transformers_greedy(smollm2_backend, DECODE_PROMPTS, n)

@@ -444,6 +444,22 @@ def test_vllm_serve_scores_token_ids_like_hf(vllm_oa, hf):
 
 
 @pytest.mark.slow
+def test_vllm_serve_gives_teacher_forced_top_k_like_hf(vllm_oa, hf, oa):
+    prompts, conts = [_chat(hf, QUESTIONS[0])], [GOOD[0] + "<|im_end|>\n"]
+    (got,), (ref,) = vllm_oa.continuation_topk(prompts, conts, 5), hf.continuation_topk(prompts, conts, 5)
+    assert list(got.token_ids) == list(ref.token_ids) and list(got.prompt_ids) == list(ref.prompt_ids)
+    assert got.topk.k == 5 and len(got.topk) == len(got.token_ids)
+    for mine, theirs in zip(got.topk, ref.topk):
+        kth = theirs[-1][1]
+        for token in {t for t, _ in mine} ^ {t for t, _ in theirs}:  # ties at the cut aside
+            assert abs(dict(mine + theirs)[token] - kth) < VLLM_ATOL
+        for (t, lp), (t2, lp2) in zip(mine, theirs):
+            assert t != t2 or abs(lp - lp2) < VLLM_ATOL
+    with pytest.raises(ModelError, match="takes only text prompts"):  # llama.cpp's server
+        oa.continuation_topk(prompts, conts, 5)
+
+
+@pytest.mark.slow
 def test_the_interface_facts_and_close(vllm_server, vllm_oa, hf):
     backend = vllm_oa
     texts = ["", "Hello there", _chat(hf, QUESTIONS[0])]
