@@ -65,9 +65,14 @@ def shard_stage_task(entry: StageEntry, state: dict, store_root: str, threads: i
 
 
 @task(name="stage-global", cache_policy=NO_CACHE, retry_delay_seconds=1)
-def global_stage_task(entry: StageEntry, states: list[dict], store_root: str,
+def global_stage_task(entry: StageEntry, states: list[dict], store_root: str, map_keys: list[str] | None = None,
                       threads: int | None = None) -> list[dict]:
-    return pipeline.run_global_stage(entry, states, store_root, threads)
+    return pipeline.run_global_stage(entry, states, store_root, threads, map_keys)
+
+
+@task(name="stage-global-map", cache_policy=NO_CACHE, retry_delay_seconds=1)
+def shard_map_task(entry: StageEntry, state: dict, store_root: str, threads: int | None = None) -> str:
+    return pipeline.run_shard_map(entry, state, store_root, threads)
 
 
 @task(name="worker-slots", cache_policy=NO_CACHE)
@@ -155,8 +160,13 @@ def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, An
             stage_runs.append([s["run"] for s in made])
             states = [*states, *({**s, "index": len(states) + i} for i, s in enumerate(made))]
         elif kind == "global":
+            map_keys = None
+            if stage_class(entry.stage).maps_shards:  # its per-shard step runs on every shard first
+                threads = stage_threads(config, entry, len(states), slots)
+                map_keys = _progress([_submit(shard_map_task, entry, s, store_root, threads=threads) for s in states],
+                                     f"{entry.stage} (per shard)", show_progress)
             threads = stage_threads(config, entry, 1, slots)
-            states = _progress([_submit(global_stage_task, entry, states, store_root, threads=threads)],
+            states = _progress([_submit(global_stage_task, entry, states, store_root, map_keys, threads=threads)],
                                entry.stage, show_progress)[0]
         else:
             threads = stage_threads(config, entry, len(states), slots)

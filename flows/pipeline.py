@@ -261,11 +261,11 @@ def _worker_address() -> str | None:
 
 
 def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None,
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, check: bool = True) -> dict[str, Any]:
     """Run ``stage`` on ``rows`` (a source stage: make ``task``'s rows) and store the result under ``key``."""
     if store.is_done(stage.name, key):
         return {**store.read_info(stage.name, key), "cached": True}
-    if rows is not None:
+    if rows is not None and check:
         stage.check_columns(rows)
     started = time.perf_counter()
     from thresher.generators.registry import model_scope
@@ -326,14 +326,41 @@ def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str,
     return {**state, "key": key, "layers": [*state["layers"], [stage.name, key]], "run": run}
 
 
+def _map_name(stage) -> str:
+    return f"{stage.name}.map"
+
+
+def run_shard_map(entry: StageEntry, state: dict[str, Any], store_root: str, threads: int | None = None) -> str:
+    """A global stage's per-shard step on one shard (or its finished result); returns its key."""
+    store = Store(store_root)
+    stage = build_stage(entry)
+    key = _layer_key(state["key"], {**stage.identity(), "step": "map"})
+    if not store.is_done(_map_name(stage), key):
+        rows = shard_view(state, store)
+        stage.check_columns(rows)
+        started = time.perf_counter()
+        with cpu_threads(threads):
+            table = stage.map_shard(rows)
+        if table.num_rows != rows.num_rows:
+            raise ValueError(f"stage '{stage.name}': its per-shard step gave {table.num_rows} rows for {rows.num_rows}")
+        store.write(_map_name(stage), key, {"map": table},
+                    {"rows": rows.num_rows, "seconds": round(time.perf_counter() - started, 3)})
+    return key
+
+
 def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root: str,
-                     threads: int | None = None) -> list[dict[str, Any]]:
-    """Run a global stage over all shards at once (or reuse its finished result)."""
+                     threads: int | None = None, map_keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run a global stage over all shards at once (or reuse its finished result). With ``map_keys``
+    (a stage that maps shards), it reads the per-shard steps' tables instead of the rows."""
     store = Store(store_root)
     stage = build_stage(entry)
     key = _layer_key(digest([s["key"] for s in states]), stage.identity())
     if store.is_done(stage.name, key):
         run = {**store.read_info(stage.name, key), "cached": True}
+    elif map_keys is not None:
+        maps = [store.read_table(_map_name(stage), k, "map") for k in map_keys]
+        rows = pa.concat_tables(maps) if maps else pa.table({"row_id": pa.array([], pa.string())})
+        run = _run_stage(stage, rows, store, key, threads=threads, check=False)
     else:
         views = [shard_view(s, store) for s in states]
         rows = pa.concat_tables(views, promote_options="default") if views else records_table([])

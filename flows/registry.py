@@ -35,6 +35,8 @@ STAGES: dict[str, str] = {
     "magpie_response": "thresher.generators.magpie_response:MagpieResponseStage",
     "magpie_tag": "thresher.selectors.magpie_tag:MagpieTagStage",
     "magpie_dedup": "thresher.filters.magpie_dedup:MagpieDedupStage",
+    "near_dedup": "thresher.filters.near_dedup:NearDedupStage",
+    "decontaminate": "thresher.filters.decontaminate:DecontaminateStage",
     "kd_logprobs": "thresher.generators.kd_logprobs:KDLogprobsStage",
     "kd_generate": "thresher.generators.kd_generate:KDGenerateStage",
 }

@@ -170,6 +170,15 @@ class Stage(ABC):
         """The ``origin`` of a row this stage creates: stage, version, model identity, sampling."""
         return {"stage": self.name, "version": self.version, "model": model, "sampling": sampling, **extra}
 
+    #: a global stage with a per-shard step: :meth:`map_shard` runs on every shard (in parallel, on
+    #: the workers) and :meth:`process` gets the concatenation of its small tables, never whole rows
+    maps_shards: ClassVar[bool] = False
+
+    def map_shard(self, rows: pa.Table) -> pa.Table:
+        """A global stage's per-shard step (when ``maps_shards``): one row per input row, keyed by
+        ``row_id``, holding only what :meth:`process` needs (e.g. MinHash signatures)."""
+        raise NotImplementedError(f"stage '{self.name}' has no per-shard step")
+
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         """Figures for the manifest and report once the run is over (optional).
 

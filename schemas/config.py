@@ -145,7 +145,10 @@ def _explain(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def _stage_entries(raw_stages: Any, stage_params: StageParamsLookup) -> list[StageEntry]:
+def _stage_entries(raw_stages: Any, stage_params: StageParamsLookup,
+                   base_dir: Path | None = None) -> list[StageEntry]:
+    """Each stage's validated parameters; a parameter naming a file may resolve it against ``base_dir``
+    (the config file's folder), which its validators find in the validation context."""
     if not isinstance(raw_stages, list):
         raise ConfigError("stages: must be a list of {stage: <name>, ...params}")
     entries = []
@@ -161,7 +164,8 @@ def _stage_entries(raw_stages: Any, stage_params: StageParamsLookup) -> list[Sta
         except KeyError as err:
             raise ConfigError(f"stages[{i}].stage: {err}") from None
         try:
-            entries.append(StageEntry(stage=name, params=params_model(**params)))
+            entries.append(StageEntry(stage=name, params=params_model.model_validate(
+                params, context={"base_dir": base_dir})))
         except ValidationError as err:
             raise ConfigError(_explain(err, prefix=f"stages[{i}] ({name}).")) from None
     return entries
@@ -185,7 +189,7 @@ def validate_config(
                           "is copied into the manifest and Prefect's database; put the key in an environment "
                           "variable and name it with 'api_key_env' (default OPENAI_API_KEY)")
     data = dict(data)
-    stages = _stage_entries(data.pop("stages", []), stage_params)
+    stages = _stage_entries(data.pop("stages", []), stage_params, base_dir)
     try:
         config = PipelineConfig(**data, stages=[])
     except ValidationError as err:

@@ -59,13 +59,15 @@ RECORD_SCHEMA = pa.schema(
 #: failure ``complexity:truncated``), null when the reason says it all; ``detail`` the same
 #: in words, for people only (code never parses it); ``value`` the number that decided it
 #: (a score, a similarity), null when none; ``kept_row_id`` the row it was rejected in
-#: favour of (the copy kept, the group's winner, the most similar accepted row), null when none.
+#: favour of (the copy kept, the group's winner, the most similar accepted row), null when none;
+#: ``evidence`` the text that decided it (the benchmark n-gram a row contains), null when none.
 REJECTION_FIELDS = (
     pa.field("reason", pa.string()),
     pa.field("code", pa.string()),
     pa.field("detail", pa.string()),
     pa.field("value", pa.float64()),
     pa.field("kept_row_id", pa.string()),
+    pa.field("evidence", pa.string()),
 )
 
 REJECTED_SCHEMA = pa.schema(
@@ -211,6 +213,7 @@ def make_rejected(
     code: str | None = None,
     kept_row_id: str | None = None,
     candidate: str | None = None,
+    evidence: str | None = None,
 ) -> dict[str, Any]:
     """One rejected-row entry (a dict matching :data:`REJECTED_SCHEMA`)."""
     return {
@@ -224,6 +227,7 @@ def make_rejected(
         "detail": detail,
         "value": value,
         "kept_row_id": kept_row_id,
+        "evidence": evidence,
         "raw": raw,
     }
 

@@ -6,7 +6,7 @@ Layout of ``OUT/``::
                                    meta, parent_row_id, origin (see schemas.records)
     attributes/part-00000.parquet  row_id + every attribute column stages wrote (kept rows)
     rejected/part-00000.parquet    row_id, source, source_row, candidate, stage, reason, code, detail,
-                                   value, kept_row_id, raw (see schemas.records.REJECTION_FIELDS)
+                                   value, kept_row_id, evidence, raw (see schemas.records.REJECTION_FIELDS)
     replaced/part-00000.parquet    the rows a stage replaced with a row it created (a response, a
                                    corrected response), as they were, + replaced_by (the stage)
     manifest.json                  counts, config, versions, timings

@@ -82,14 +82,25 @@ def test_run_writes_data_rejected_manifest_report(tmp_path, shared_data, messy_i
 
 def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
     inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel", "vicuna-7b")]
-    stages = [{"stage": "validate"}, {"stage": "exact_dedup"},
+    benchmark = tmp_path / "benchmark.json"  # 40 of the instructions, as if they were an eval set
+    benchmark.write_text(json.dumps(json.loads(inputs[0].read_text())[:40]))
+    stages = [{"stage": "validate"}, {"stage": "exact_dedup"}, {"stage": "near_dedup"},
+              {"stage": "decontaminate", "benchmarks": [{"path": str(benchmark), "fields": ["instruction"]}]},
               {"stage": "select", "where": ["candidate != example"]}]
     one = execute(_config(tmp_path, inputs, "one", workers=1, shard_rows=500, stages=stages), show_progress=False)
     two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=120, stages=stages), show_progress=False)
     assert one["counts"] == two["counts"]
     assert two["shards"]["count"] > one["shards"]["count"] > 1
     assert _data(tmp_path / "one") == _data(tmp_path / "two")
-    assert one["counts"]["rejected_by_reason"] == {"select_where": 805}
+    assert _rejected(tmp_path / "one") == _rejected(tmp_path / "two")
+    reasons = one["counts"]["rejected_by_reason"]
+    assert set(reasons) == {"select_where", "near_duplicate", "contaminated"}
+    assert reasons["near_duplicate"] > 0 and 40 < reasons["contaminated"] <= 3 * 40
+
+
+def _rejected(out: Path) -> list[tuple]:
+    table = pq.read_table(sorted((out / "rejected").glob("*.parquet")))
+    return sorted(zip(*(table[c].to_pylist() for c in ("row_id", "reason", "kept_row_id", "value", "evidence"))))
 
 
 def test_rerun_recomputes_nothing(tmp_path, shared_data):
