@@ -128,10 +128,10 @@ def test_rejected_table_refuses_unknown_keys_and_old_results_conform():
         out.rejected_table()
     table = StageOutput(rejected=[{"row_id": "a", "reason": "x", "kept_row_id": "b", "code": "c"}]).rejected_table()
     assert table.to_pylist() == [{"row_id": "a", "reason": "x", "code": "c", "detail": "", "value": None,
-                                  "kept_row_id": "b"}]
+                                  "kept_row_id": "b", "evidence": None}]
     stored_by_v1 = pa.table({"row_id": ["a"], "reason": ["x"], "detail": ["d"], "value": pa.array([1.5])})
     assert conform_rejected(stored_by_v1).to_pylist() == [{"row_id": "a", "reason": "x", "code": None, "detail": "d",
-                                                           "value": 1.5, "kept_row_id": None}]
+                                                           "value": 1.5, "kept_row_id": None, "evidence": None}]
     assert conform_rejected(stored_by_v1).schema == STAGE_REJECTED_SCHEMA
 
 
