@@ -67,10 +67,12 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys
 
 
-def clusters(sigs: np.ndarray, bands: int, rows: int, valid: np.ndarray | None = None) -> np.ndarray:
+def clusters(sigs: np.ndarray, bands: int, rows: int, valid: np.ndarray | None = None,
+             min_similarity: float = 0.0) -> np.ndarray:
     """Each row's cluster: the smallest row index it is linked to through shared bands
-    (union-find over LSH candidate pairs, as connected components). Invalid rows (no
-    shingles) are their own cluster."""
+    (union-find over LSH candidate pairs, as connected components). A candidate pair whose
+    signatures agree on fewer than ``min_similarity`` of their entries (the estimated
+    Jaccard) is not linked. Invalid rows (no shingles) are their own cluster."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -90,6 +92,10 @@ def clusters(sigs: np.ndarray, bands: int, rows: int, valid: np.ndarray | None =
         src.append(idx[order[linked]])
         dst.append(idx[group_first[linked]])
     src, dst = np.concatenate(src), np.concatenate(dst)
+    if min_similarity > 0 and len(src):
+        keep = np.concatenate([(sigs[src[a:a + 65536]] == sigs[dst[a:a + 65536]]).mean(axis=1) >= min_similarity
+                               for a in range(0, len(src), 65536)])
+        src, dst = src[keep], dst[keep]
     graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     first = np.full(labels.max() + 1, n, np.int64)

@@ -9,7 +9,11 @@ minima (:mod:`thresher.filters.minhash`). Signatures are computed per shard on t
 position and the signatures, buckets them by band, and links rows that share a band
 (connected components, i.e. union-find). Defaults as datatrove: 5-grams, 112 hashes in
 14 bands x 8 rows: a pair with word 5-gram Jaccard 0.8 is caught with probability 98%,
-0.72 with 50%, 0.5 with 1.5%.
+0.72 with 50%, 0.5 with 1.5%. Candidate pairs are then checked on their signatures: a pair
+whose estimated Jaccard is under ``min_similarity`` (0.5; the estimate's standard error at
+112 hashes is under 0.05) is not linked. Without that check (datatrove's way, ``0``), pairs
+that merely share one long sentence (Jaccard 0.2-0.5) get through now and then: on a
+million rows that is thousands of rows (``bench/dedup.py``).
 
 The first row of each cluster in corpus order (by ``source``, then ``source_row``, then
 ``row_id``: the same whatever the sharding) is kept; every other row is rejected as
@@ -43,6 +47,8 @@ class NearDedupParams(StageParams):
     text: Literal["conversation", "prompt"] = Field("conversation", description="what is compared")
     keep_digits: bool = Field(True, description="false: every digit counts as 0 (datatrove's choice)")
     seed: int = Field(1, ge=0, description="seed of the hash functions")
+    min_similarity: float = Field(0.5, ge=0, le=1, description="link an LSH candidate pair only when its "
+                                  "signatures estimate a Jaccard of at least this (0: datatrove's no check)")
 
     @model_validator(mode="after")
     def _bands_fit(self) -> "NearDedupParams":
@@ -84,7 +90,7 @@ class NearDedupStage(Stage):
                                                  ("row_id", "ascending")]).to_numpy()
         sigs = rows["minhash"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, p.num_perm)[order]
         valid = ~(sigs == EMPTY).all(axis=1)
-        first = clusters(sigs, p.bands, p.rows_per_band, valid)
+        first = clusters(sigs, p.bands, p.rows_per_band, valid, p.min_similarity)
         dup = np.flatnonzero(first != np.arange(len(first)))
         ids = np.asarray(rows["row_id"].to_pylist(), dtype=object)[order]
         similarity = (sigs[dup] == sigs[first[dup]]).mean(axis=1) if len(dup) else np.zeros(0)
