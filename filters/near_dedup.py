@@ -28,13 +28,12 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from thresher.filters.minhash import EMPTY, clusters, signatures
 from thresher.filters.text_ngrams import ngram_hashes
 from thresher.flows.stage import Stage, StageOutput, StageParams
-from thresher.schemas.records import prompt_messages
+from thresher.schemas.records import corpus_order, prompt_messages, with_position
 
 REASON = "near_duplicate"
 
@@ -79,15 +78,13 @@ class NearDedupStage(Stage):
         grams = ngram_hashes(row_texts(rows["messages"].to_pylist(), p.text), p.ngram, p.keep_digits)
         sigs = signatures(grams.hashes, grams.offsets, p.num_perm, p.seed)
         flat = pa.array(sigs.reshape(-1), pa.uint32())
-        return pa.table({"row_id": rows["row_id"], "source": rows["source"], "source_row": rows["source_row"],
-                         "minhash": pa.FixedSizeListArray.from_arrays(flat, p.num_perm)})
+        return with_position(rows, minhash=pa.FixedSizeListArray.from_arrays(flat, p.num_perm))
 
     def process(self, rows: pa.Table) -> StageOutput:
         p: NearDedupParams = self.params
         if rows.num_rows == 0:
             return StageOutput()
-        order = pc.sort_indices(rows, sort_keys=[("source", "ascending"), ("source_row", "ascending"),
-                                                 ("row_id", "ascending")]).to_numpy()
+        order = corpus_order(rows)
         sigs = rows["minhash"].combine_chunks().flatten().to_numpy().reshape(rows.num_rows, p.num_perm)[order]
         valid = ~(sigs == EMPTY).all(axis=1)
         first = clusters(sigs, p.bands, p.rows_per_band, valid, p.min_similarity)

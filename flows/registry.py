@@ -37,6 +37,7 @@ STAGES: dict[str, str] = {
     "magpie_dedup": "thresher.filters.magpie_dedup:MagpieDedupStage",
     "near_dedup": "thresher.filters.near_dedup:NearDedupStage",
     "decontaminate": "thresher.filters.decontaminate:DecontaminateStage",
+    "semantic_dedup": "thresher.filters.semantic_dedup:SemanticDedupStage",
     "kd_logprobs": "thresher.generators.kd_logprobs:KDLogprobsStage",
     "kd_generate": "thresher.generators.kd_generate:KDGenerateStage",
 }

@@ -18,6 +18,11 @@ attribute column earlier stages wrote — and returns a :class:`StageOutput`:
   (right after it when the parent stays); ``attributes`` and ``rejected`` may name
   created rows.
 
+A global stage may have a *per-shard step* (``maps_shards = True``, :meth:`Stage.map_shard`):
+it runs on every shard in parallel on the workers and returns a small table (one row per
+input row: ``row_id`` and what the global step needs, e.g. MinHash signatures), and the
+global :meth:`Stage.process` then gets the concatenation of those tables, never whole rows.
+
 A *source* stage (``kind = "source"``, :class:`SourceStage`) makes rows from nothing
 (Magpie's instructions): the run splits its ``count`` rows into tasks with their own
 seed ranges (:class:`SourceTask`), and each task's rows become a shard.

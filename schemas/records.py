@@ -34,7 +34,9 @@ import re
 import unicodedata
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
@@ -230,6 +232,21 @@ def make_rejected(
         "evidence": evidence,
         "raw": raw,
     }
+
+
+def with_position(rows: pa.Table, **columns: pa.Array) -> pa.Table:
+    """``row_id``, ``source`` and ``source_row`` of ``rows`` (what :func:`corpus_order` sorts by)
+    plus ``columns``: a global stage's per-shard step returns such a table."""
+    return pa.table({"row_id": rows["row_id"], "source": rows["source"], "source_row": rows["source_row"],
+                     **columns})
+
+
+def corpus_order(table: pa.Table) -> np.ndarray:
+    """Row positions of ``table`` (which has ``source``, ``source_row`` and ``row_id``) in corpus
+    order: by source, then row in the source, then id. It does not depend on how the rows were
+    sharded, so a global stage that keeps "the first" keeps the same row whatever the sharding."""
+    keys = [("source", "ascending"), ("source_row", "ascending"), ("row_id", "ascending")]
+    return pc.sort_indices(table, sort_keys=keys).to_numpy()
 
 
 def records_table(records: Iterable[dict[str, Any]]) -> pa.Table:

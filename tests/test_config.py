@@ -74,7 +74,7 @@ def test_model_stage_params_share_one_base_and_keep_their_cache_keys():
     with_models = sorted(n for n in STAGES if issubclass(stage_class(n).Params, ModelStageParams))
     assert with_models == ["clear", "clear_correct", "deita_complexity", "deita_embed", "deita_quality", "grape",
                            "kd_generate", "kd_logprobs",
-                           "magpie", "magpie_dedup", "magpie_response", "magpie_tag"]
+                           "magpie", "magpie_dedup", "magpie_response", "magpie_tag", "semantic_dedup"]
     required = {"magpie": {"count": 4}}
     for name in with_models:
         a = parse_config({"stages": [{"stage": name, "request_cache": False, "request_cache_path": "/tmp/x.sqlite",

@@ -124,3 +124,27 @@ def test_contaminated_rows_are_found_with_the_benchmark_row_and_n_gram(corpus, s
                                     "benchmarks": [{"path": str(tmp_path / "b.jsonl"), "fields": ["prompt"]}]}]})
     with pytest.raises(ValueError, match="no row has the field"):
         DecontaminateStage(bad.stages[0].params).process(corpus.slice(0, 2))
+
+
+def test_semantic_duplicates_with_computed_or_reused_embeddings(corpus):
+    import pyarrow as pa
+
+    from thresher.filters.semantic_dedup import SemanticDedupStage
+
+    near = corpus.filter(pa.compute.equal(corpus["source"], "near.jsonl")).slice(0, 10)
+    prompts = {m[0]["content"] for m in near["messages"].to_pylist()}
+    clean = corpus.filter(pa.compute.equal(corpus["source"], "clean.jsonl"))
+    originals = [i for i, m in enumerate(clean["messages"].to_pylist()) if m[0]["content"] in prompts]
+    others = [i for i in range(40) if i not in originals][:20]
+    rows = pa.concat_tables([clean.take(sorted(originals + others)), near])  # the near rows' originals + 20 more
+    stage = SemanticDedupStage(SemanticDedupStage.Params(request_cache=False))
+    mapped = stage.map_shard(rows)  # no embedding column: MiniLM embeds the rows
+    output = stage.process(mapped)
+    found = _by_source(rows, [r["row_id"] for r in output.rejected])
+    assert found.get("near.jsonl", 0) >= 9 and "clean.jsonl" not in found
+    assert all(r["reason"] == "semantic_duplicate" and r["value"] > 0.95 for r in output.rejected)
+    # an embedding column an earlier stage wrote is reused as it is (no model is loaded)
+    reused = rows.append_column("deita_embedding", mapped["embedding"])
+    again = SemanticDedupStage(SemanticDedupStage.Params(model="no/such-model")).process(
+        SemanticDedupStage(SemanticDedupStage.Params(model="no/such-model")).map_shard(reused))
+    assert again.rejected == output.rejected

@@ -88,7 +88,7 @@ def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
               {"stage": "decontaminate", "benchmarks": [{"path": str(benchmark), "fields": ["instruction"]}]},
               {"stage": "select", "where": ["candidate != example"]}]
     one = execute(_config(tmp_path, inputs, "one", workers=1, shard_rows=500, stages=stages), show_progress=False)
-    two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=120, stages=stages), show_progress=False)
+    two = execute(_config(tmp_path, inputs, "two", workers=2, shard_rows=240, stages=stages), show_progress=False)
     assert one["counts"] == two["counts"]
     assert two["shards"]["count"] > one["shards"]["count"] > 1
     assert _data(tmp_path / "one") == _data(tmp_path / "two")
