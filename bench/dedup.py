@@ -13,7 +13,10 @@ deleted or replaced). Measured in the same run, each side on the same rows:
    (``map_shard`` per 50,000-row shard on ``--workers`` processes, as Dask workers run it,
    then the global LSH + union-find step) against datasketch's ``MinHash`` +
    ``MinHashLSH`` (query, then insert, row by row, in one process), with the planted
-   duplicates each finds and the peak memory (max RSS) of every process.
+   duplicates each finds and the peak memory (max RSS) of every process;
+3. ``decontaminate`` on the same rows against GSM8K test (per 50,000-row shard, ``--workers``
+   processes) and ``semantic_dedup``'s global step on as many synthetic 384-d unit vectors
+   (topics of ~50 rows, 2% planted near-copies): time, what they find, peak memory.
 """
 
 from __future__ import annotations
@@ -156,11 +159,73 @@ def datasketch_end_to_end(texts: list[str]) -> tuple[float, set[int]]:
     return time.perf_counter() - started, found
 
 
+def decontaminate_one(args: tuple[int, list[str]]) -> tuple[int, float]:
+    start, texts = args
+    from thresher.filters.decontaminate import DecontaminateStage
+    from thresher.flows.registry import parse_config
+    from thresher.schemas.records import make_record, records_table
+
+    config = parse_config({"stages": [{"stage": "decontaminate", "benchmarks": [
+        {"path": str(DATA / "gsm8k" / "test.jsonl"), "fields": ["question", "answer"], "name": "gsm8k-test"}]}]})
+    rows = records_table([make_record([{"role": "user", "content": t}], "bench", start + i) for i, t in enumerate(texts)])
+    return len(DecontaminateStage(config.stages[0].params).process(rows).rejected), peak_mb()
+
+
+def decontaminate_end_to_end(texts: list[str], workers: int) -> None:
+    decontaminate_one((0, texts[:10]))  # the index is built once, then every shard loads it
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(decontaminate_one, [(a, texts[a:a + SHARD]) for a in range(0, len(texts), SHARD)]))
+    seconds = time.perf_counter() - started
+    print(f"decontaminate against GSM8K test (question + answer; 13/8-grams): {seconds:.1f} s for {len(texts):,} "
+          f"rows ({len(texts) / seconds:,.0f} rows/s, {workers} worker processes); {sum(n for n, _ in results):,} "
+          f"rows share an n-gram with it; peak RSS of a worker {max(m for _, m in results):.0f} MB")
+
+
+def semantic_end_to_end(rows: int, dim: int = 384, seed: int = 0) -> None:
+    """The global step of semantic_dedup on ``rows`` unit vectors, 2% of them planted near-copies."""
+    import numpy as np
+
+    from thresher.filters.semantic_dedup import SemanticDedupStage
+    from thresher.schemas.records import with_position
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((rows // 50, dim)).astype(np.float32)  # topics: 50 rows around each
+    emb = np.empty((rows, dim), np.float32)  # made a chunk at a time: the peak below is the stage's, not this
+    for a in range(0, rows, 100_000):
+        b = min(rows, a + 100_000)
+        emb[a:b] = centers[rng.integers(0, len(centers), b - a)] + 0.9 * rng.standard_normal((b - a, dim))
+    copies = rng.choice(np.arange(1000, rows), rows // 50, replace=False)
+    sources = np.setdiff1d(np.arange(rows), copies)  # originals are never copies themselves
+    originals = sources[np.minimum(np.searchsorted(sources, copies) - 1,
+                                   (np.searchsorted(sources, copies) * rng.random(len(copies))).astype(np.int64))]
+    emb[copies] = emb[originals] + 0.05 * rng.standard_normal((len(copies), dim)).astype(np.float32)
+    for a in range(0, rows, 100_000):
+        emb[a:a + 100_000] /= np.linalg.norm(emb[a:a + 100_000], axis=1, keepdims=True)
+    cosine = (emb[copies] * emb[originals]).sum(axis=1)
+    ids = pa.array([f"r{i:07d}" for i in range(rows)])
+    table = with_position(pa.table({"row_id": ids, "source": pa.array(["bench"] * rows),
+                                    "source_row": pa.array(np.arange(rows))}),
+                          embedding=pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+                          .cast(pa.list_(pa.float32())))
+    started = time.perf_counter()
+    del emb  # the stage gets the Arrow table only, as the flow gives it
+    output = SemanticDedupStage().process(table)
+    seconds = time.perf_counter() - started
+    found = {int(r["row_id"][1:]) for r in output.rejected}
+    print(f"semantic_dedup's global step: {seconds:.1f} s for {rows:,} vectors of {dim} (k-means partitions of "
+          f"~1,000 rows above 50,000); {len(found & set(copies.tolist())):,} of {len(copies):,} planted near-copies "
+          f"(cosine {cosine.min():.3f} or more to their original) found, {len(found - set(copies.tolist())):,} other "
+          f"rows rejected; "
+          f"peak RSS {peak_mb():.0f} MB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--baseline-rows", type=int, default=1_000_000, help="rows datasketch's end-to-end run gets")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-datasketch", action="store_true", help="leave out datasketch's end-to-end run (7 min)")
     args = ap.parse_args()
     started = time.perf_counter()
     texts, planted_from = corpus(args.rows)
@@ -185,6 +250,12 @@ def main() -> None:
           f"planted found: {len(found & close):,} of {len(close):,} at Jaccard >= 0.8, {len(found & planted):,} of "
           f"{len(planted):,} in all; {len(found - planted):,} other rows rejected; "
           f"peak RSS: main {peak_mb():.0f} MB, workers {max(worker_mb):.0f} MB")
+    print("\n# the other two stages at the same scale")
+    decontaminate_end_to_end(texts, args.workers)
+    semantic_end_to_end(len(texts))
+    if args.skip_datasketch:
+        return
+    print("\n# datasketch, end to end")
     base = texts[:args.baseline_rows]
     base_planted = {i for i in planted if i < len(base)}
     base_close = {i for i in close if i < len(base)}

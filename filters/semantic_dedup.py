@@ -8,7 +8,11 @@ is kept iff its largest cosine similarity to the rows kept before it is at most
 ``threshold``, else rejected as ``semantic_duplicate`` with that row in ``kept_row_id`` and
 the similarity in ``value``. The walk is deita's Repr Filter
 (:func:`thresher.selectors.repr_filter.repr_filter`: blocked, exact, memory independent of
-the number of rows), without a budget.
+the number of rows), without a budget. That walk compares each row with every row kept before
+it, so above ``exact_up_to`` rows (50,000) the vectors are first split by k-means into
+partitions of about ``rows_per_cluster`` rows (SemDeDup's clustering step) and each partition
+is walked alone: a duplicate pair split across two partitions is missed (``bench/dedup.py``
+measures how many).
 
 Embeddings: the ``embedding`` column an earlier stage wrote (``deita_embed``'s
 ``deita_embedding``) is reused; otherwise each shard embeds its rows with ``model`` (default
@@ -31,6 +35,17 @@ from thresher.selectors.deita_embed import DEFAULT_EMBEDDER, l2_normalize, plain
 from thresher.selectors.repr_filter import TOO_SIMILAR, repr_filter
 
 REASON = "semantic_duplicate"
+#: rows k-means is fitted on (a sample), and rows labelled per step: bounds its memory
+KMEANS_SAMPLE = 100_000
+
+
+def normalized(vectors: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float64 norms, float32 result), a chunk at a time: no full-size
+    float64 copy of a million-row matrix."""
+    out = np.empty(vectors.shape, np.float32)
+    for a in range(0, len(vectors), chunk):
+        out[a:a + chunk] = l2_normalize(vectors[a:a + chunk])
+    return out
 
 
 class SemanticDedupParams(ModelStageParams):
@@ -38,6 +53,10 @@ class SemanticDedupParams(ModelStageParams):
     embedding: str = Field("deita_embedding", description="an embedding column an earlier stage wrote, reused")
     threshold: float = Field(0.95, ge=-1, le=1, description="reject a row whose cosine similarity to a kept "
                              "row is above this")
+    exact_up_to: int = Field(50_000, ge=1, description="up to this many rows, one exact walk over all of them")
+    rows_per_cluster: int = Field(1_000, ge=2, description="above exact_up_to: k-means partitions of about "
+                                  "this many rows, each walked alone (SemDeDup)")
+    seed: int = Field(0, ge=0, description="k-means seed")
     chunk_size: int = resource_knob(256, ge=1, description="texts per embedding call")
 
 
@@ -72,15 +91,40 @@ class SemanticDedupStage(Stage):
         valid = (lengths == dim) & (dim > 0)
         if not valid.any():
             return StageOutput()
-        emb = np.zeros((rows.num_rows, dim), np.float32)
-        emb[valid] = l2_normalize(column.filter(pa.array(valid)).flatten().to_numpy().reshape(-1, dim))
+        if valid.all():  # the usual case: the Arrow buffer is read in place, no copy
+            emb = normalized(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
+        else:
+            emb = np.zeros((rows.num_rows, dim), np.float32)
+            emb[valid] = normalized(column.filter(pa.array(valid)).flatten().to_numpy().reshape(-1, dim))
         order = corpus_order(rows)
-        result = repr_filter(emb, order[valid[order]], tau=p.threshold)
+        order = order[valid[order]]
         ids = rows["row_id"].to_pylist()
         rejected = []
-        for pos in np.flatnonzero(result.status == TOO_SIMILAR):
-            row, kept = int(result.order[pos]), int(result.order[result.nearest[pos]])
-            sim = float(result.max_similarity[pos])
-            rejected.append({"row_id": ids[row], "reason": REASON, "kept_row_id": ids[kept], "value": sim,
-                             "detail": f"cosine similarity {sim:.4f} > {p.threshold:g} to row {ids[kept]}"})
+        for members in partitions(emb, order, p.exact_up_to, p.rows_per_cluster, p.seed):
+            result = repr_filter(emb, members, tau=p.threshold)
+            for pos in np.flatnonzero(result.status == TOO_SIMILAR):
+                row, kept = int(result.order[pos]), int(result.order[result.nearest[pos]])
+                sim = float(result.max_similarity[pos])
+                rejected.append({"row_id": ids[row], "reason": REASON, "kept_row_id": ids[kept], "value": sim,
+                                 "detail": f"cosine similarity {sim:.4f} > {p.threshold:g} to row {ids[kept]}"})
         return StageOutput(rejected=rejected)
+
+
+def partitions(emb: np.ndarray, order: np.ndarray, exact_up_to: int, rows_per_cluster: int,
+               seed: int) -> list[np.ndarray]:
+    """The walks: one over every row when there are at most ``exact_up_to``; else one per k-means
+    cluster of about ``rows_per_cluster`` rows (SemDeDup's partition), each in corpus order."""
+    if len(order) <= exact_up_to:
+        return [order]
+    from sklearn.cluster import MiniBatchKMeans
+
+    k = max(2, len(order) // rows_per_cluster)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(order, min(len(order), max(KMEANS_SAMPLE, 20 * k)), replace=False))
+    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=1,
+                             max_no_improvement=10).fit(emb[sample])
+    labels = np.concatenate([kmeans.predict(emb[order[a:a + KMEANS_SAMPLE]])
+                             for a in range(0, len(order), KMEANS_SAMPLE)])
+    by_label = np.argsort(labels, kind="stable")  # stable: corpus order within each cluster
+    bounds = np.flatnonzero(np.diff(labels[by_label])) + 1
+    return [order[part] for part in np.split(by_label, bounds)]

@@ -54,12 +54,14 @@ the whole process; the original is put back once the engine is built, so the
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -204,6 +206,32 @@ def engine_kwargs(path: Path, cfg: ModelConfig, on_cpu: bool) -> dict[str, Any]:
     return kwargs
 
 
+@contextlib.contextmanager
+def _catch_all_module_attributes_hidden() -> Iterator[None]:
+    """Hide llvmlite's ``ffi.lib`` from vLLM while it builds an engine.
+
+    vLLM 0.32's CPU worker rebinds its Triton kernels by scanning every attribute of every
+    loaded module and calling ``vars(value).get(...)`` on those with a ``__dict__``;
+    llvmlite's ``ffi.lib`` answers *any* attribute, ``__dict__`` included, with a function
+    wrapper, so once numba is imported in the process (``near_dedup`` ran in this Dask worker
+    before a vLLM stage) the engine fails with "'_lib_fn_wrapper' object has no attribute
+    'get'". Nothing uses llvmlite while the engine is built, so the attributes holding that
+    object are set aside for that time and put back after.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None)
+    holders = [] if lib is None else [
+        (module, name) for module in list(sys.modules.values())
+        for name, value in list(getattr(module, "__dict__", {}).items()) if value is lib]
+    for module, name in holders:
+        setattr(module, name, None)
+    try:
+        yield
+    finally:
+        for module, name in holders:
+            setattr(module, name, lib)
+
+
 def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: see the module docstring
     vllm = import_vllm()
@@ -213,13 +241,14 @@ def _build_engine(path: Path, cfg: ModelConfig, pooling: bool) -> Any:
 
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker swaps in a no-op, process-wide
     try:
-        if not pooling:
-            llm = vllm.LLM(**kwargs)
-        else:
-            try:  # vLLM >= 0.10: runner/convert; older: task
-                llm = vllm.LLM(runner="pooling", **kwargs)
-            except TypeError:
-                llm = vllm.LLM(task="embed", **kwargs)
+        with _catch_all_module_attributes_hidden():
+            if not pooling:
+                llm = vllm.LLM(**kwargs)
+            else:
+                try:  # vLLM >= 0.10: runner/convert; older: task
+                    llm = vllm.LLM(runner="pooling", **kwargs)
+                except TypeError:
+                    llm = vllm.LLM(task="embed", **kwargs)
     finally:
         torch.set_num_threads = set_num_threads
     if on_cpu and cfg.threads:  # vLLM drops an in-process engine to one thread unless OMP_NUM_THREADS says otherwise

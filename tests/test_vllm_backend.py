@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from thresher.generators.base import ModelError, SamplingParams
+import thresher.filters.minhash  # noqa: F401  numba and llvmlite loaded first, as in a Dask worker that ran
+from thresher.generators.base import ModelError, SamplingParams  # near_dedup before a vLLM stage
 from thresher.schemas.model_config import ModelConfig
 
 SMOL = "embedded:smollm2-135m-instruct"
