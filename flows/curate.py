@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from thresher.flows import pipeline
 from thresher.flows.manifest import build_manifest
+from thresher.flows.preflight import preflight
 from thresher.flows.model_lifecycle import (
     model_events_everywhere, model_keys, release_models_everywhere, stage_models,
 )
@@ -291,6 +292,7 @@ def apply_overrides(
 
 def execute(config: PipelineConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run a validated config to completion; returns the manifest."""
+    preflight(config)  # inputs that match nothing, an output that is a file: one line, before any work
     register_secret_env(m.api_key_env for e in config.stages for m in stage_models(e))  # their values are redacted here too
     install_log_redaction()
     runner = make_task_runner(config)

@@ -245,3 +245,25 @@ def test_shards_fill_the_workers_without_splitting_a_group(tmp_path, shared_data
     assert len(capped["shards"]) == 5 and all(s["rows"] <= 600 for s in capped["shards"])  # shard_rows still bounds
     assert all(s["rows"] % 3 == 0 for s in filled["shards"])  # groups whole
     assert (task_threads(1, 2, 2), task_threads(2, 2, 2), task_threads(8, 2, 2), task_threads(1, 4, 16)) == (2, 1, 1, 16)
+
+
+def test_bad_inputs_and_outputs_fail_in_one_line_before_any_work(tmp_path, shared_data):
+    from thresher.schemas.config import ConfigError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "rows.jsonl").write_text((shared_data / "gsm8k/test.jsonl").read_text().splitlines()[0] + "\n")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file; give --out a folder"):
+        execute(_config(tmp_path, [folder], name="out.txt"), show_progress=False)
+    inside = _config(tmp_path, [folder])
+    inside.out = str(folder / "curated")
+    with pytest.raises(ConfigError, match="is inside the input folder"):
+        execute(inside, show_progress=False)
+    assert not (folder / "curated").exists()  # nothing was started
+    config = tmp_path / "nope.yaml"
+    config.write_text(f"inputs: ['{tmp_path}/nope/*.jsonl']\nstages: [validate]\n")
+    result = _thresher("run", str(config), "--out", str(tmp_path / "o"), "-q")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"thresher: error: input '{tmp_path}/nope/*.jsonl' matches no file or folder"]

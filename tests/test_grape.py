@@ -362,31 +362,6 @@ def test_scores_match_an_independent_slow_reference(one_worker_run, reference):
 
 
 @pytest.mark.slow
-def test_same_output_with_two_workers_and_small_shards(one_worker_run, sample):
-    root, first = one_worker_run
-    second = execute(grape_config(sample, root / "two", 2, 20, root / "requests.sqlite"), show_progress=False)
-    assert second["shards"]["count"] > first["shards"]["count"] == 1
-    assert second["counts"] == first["counts"]
-
-    def rows(out: Path):
-        return sorted((r["row_id"], r["grape_logprob_mean"]) for r in read(out, "attributes"))
-
-    def rejected(out: Path):
-        return sorted((r["row_id"], r["reason"], r["value"], r["detail"]) for r in read(out, "rejected"))
-
-    assert rows(root / "one") == rows(root / "two")
-    assert rejected(root / "one") == rejected(root / "two")
-    # groups never span shards: every group_id lives in exactly one shard of the second run
-    shard_files = sorted((root / "two" / ".thresher" / "shards").glob("*/records.parquet"))
-    assert len(shard_files) == second["shards"]["count"]
-    seen: dict[str, int] = {}
-    for k, f in enumerate(shard_files):
-        for gid in set(pq.read_table(f, columns=["group_id"])["group_id"].to_pylist()):
-            assert seen.setdefault(gid, k) == k, "a group was split across shards"
-    assert len(seen) == N_GROUPS
-
-
-@pytest.mark.slow
 def test_example_config_runs_on_other_candidate_sets(tmp_path, repo_root, reference):
     """`thresher run examples/grape.yaml --input <files>`: multi-candidate rows and multi-turn candidates."""
     cands = [

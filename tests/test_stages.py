@@ -10,7 +10,9 @@ import pytest
 
 from thresher.filters.exact_dedup import ExactDedupStage
 from thresher.filters.validate import ValidateParams, ValidateStage
-from thresher.flows.pipeline import _pack_groups, collect_rejected, ingest_file, make_shards, run_global_stage
+from thresher.flows.pipeline import (
+    _pack_groups, collect_rejected, ingest_file, make_shards, plan_shards, run_global_stage,
+)
 from thresher.flows.stage import STAGE_REJECTED_SCHEMA, StageOutput, conform_rejected
 from thresher.flows.store import Store
 from thresher.schemas.config import IngestConfig, StageEntry
@@ -86,8 +88,10 @@ def test_groups_are_never_split(shared_data):
     for name in ("gpt4_1106_preview", "claude-2", "NullModel"):
         records += read_file(shared_data / "alpaca_eval" / f"{name}.json").records[:40]
     groups = [r["group_id"] for r in records]
-    for shard_rows in (1, 7, 50):
-        shards = _pack_groups(groups, shard_rows)
+    plans = [_pack_groups(groups, shard_rows) for shard_rows in (1, 7, 50)]
+    plans += [plan_shards(groups, 1_000, min_shards) for min_shards in (2, 3, 7)]  # fill_cores: balanced
+    assert [len(s) for s in plans[3:]] == [2, 3, 7]
+    for shards in plans:
         assert sorted(p for s in shards for p in s) == list(range(len(groups)))
         owner = {}
         for index, shard in enumerate(shards):
