@@ -94,6 +94,14 @@ def _fail(err: BaseException, debug: bool) -> None:
     raise typer.Exit(code=1)
 
 
+def _progress_mode(quiet: bool) -> bool | str:
+    """Progress bars on a terminal, a line per stage every few seconds otherwise (logs, CI, Prefect
+    workers, nohup), nothing with --quiet."""
+    if quiet:
+        return False
+    return "bars" if sys.stderr.isatty() else "lines"
+
+
 def _finish(manifest: dict, out: str) -> None:
     c = manifest["counts"]
     reasons = ", ".join(f"{r}={n}" for r, n in c["rejected_by_reason"].items()) or "none"
@@ -115,7 +123,7 @@ def run(
         None, "--dask-address", help="run on an existing Dask scheduler, e.g. tcp://host:8786"),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="local Dask worker processes"),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="work store (default OUT/.thresher)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or lines"),
     debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
 ) -> None:
     """Run the pipeline in CONFIG: ingest, shard, run its stages on Dask, write Parquet + manifest + report.
@@ -131,7 +139,7 @@ def run(
         cfg = apply_overrides(load_config(config), input, out, dask_address, workers)
         if cache_dir:
             cfg.cache_dir = str(Path(cache_dir).resolve())
-        manifest = execute(cfg, show_progress=not quiet and sys.stderr.isatty())
+        manifest = execute(cfg, show_progress=_progress_mode(quiet))
     except BaseException as err:  # one line for the user; --debug for the rest
         _fail(err, debug)
     _finish(manifest, cfg.out)
@@ -145,7 +153,7 @@ def ingest(
     max_row_bytes: int = typer.Option(1_000_000, "--max-row-bytes", help="quarantine rows larger than this"),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="record unreadable files as rejected instead of failing"),
     workers: int = typer.Option(2, "--workers", "-w", min=1, help="local Dask worker processes"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or lines"),
     debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
 ) -> None:
     """Normalize INPUTS to canonical rows and quarantine bad ones; no selection."""
@@ -161,7 +169,7 @@ def ingest(
             "execution": {"workers": workers},
         })
         cfg = apply_overrides(cfg, inputs, out)
-        manifest = execute(cfg, show_progress=not quiet and sys.stderr.isatty())
+        manifest = execute(cfg, show_progress=_progress_mode(quiet))
     except BaseException as err:
         _fail(err, debug)
     _finish(manifest, cfg.out)

@@ -18,6 +18,7 @@ depend on the run id.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -121,14 +122,68 @@ def stage_threads(config: PipelineConfig, entry: StageEntry, tasks: int, slots: 
     return task_threads(tasks, slots, os.cpu_count() or 1)
 
 
-def _progress(futures: list, label: str, show: bool) -> list:
-    """Wait for futures in order, with a progress bar; return their results."""
-    results = []
-    with tqdm(total=len(futures), desc=label, unit="task", disable=not show, leave=False) as bar:
+#: seconds between two progress lines of one stage (``progress: lines``)
+PROGRESS_EVERY = 5.0
+
+
+def _say(line: str) -> None:
+    """A progress line on stdout (not ``print``: the flow's ``log_prints`` would turn it into a log
+    record, which the CLI keeps quiet)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _rows_of(result: Any) -> int:
+    """Rows a finished task handled, when its result says (shard and source tasks)."""
+    run = result.get("run") if isinstance(result, dict) else None
+    return int(run.get("in", 0) + run.get("created", 0)) if isinstance(run, dict) else 0
+
+
+def _progress(futures: list, label: str, show: bool | str) -> list:
+    """Wait for futures in order and return their results, showing progress: a bar (``True``,
+    ``"bars"``: a terminal), a line every :data:`PROGRESS_EVERY` seconds with tasks done, rows/s
+    and the time left (``"lines"``: logs, CI, Prefect workers, nohup), or nothing."""
+    results: list = []
+    started = last = time.perf_counter()
+    if show == "lines":
+        for future in futures:
+            results.append(future.result())
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY or len(results) == len(futures):
+                done, seconds = len(results), now - started
+                rows = sum(_rows_of(r) for r in results)
+                left = seconds / done * (len(futures) - done)
+                _say(f"thresher: {label}: {done}/{len(futures)} tasks" + (f", {rows / seconds:,.0f} rows/s" if rows
+                     and seconds > 0 else "") + (f", about {left:.0f} s left" if done < len(futures) else
+                     f", done in {seconds:.1f} s"))
+                last = now
+        return results
+    with tqdm(total=len(futures), desc=label, unit="task", disable=show is not True and show != "bars",
+              leave=False) as bar:
         for future in futures:
             results.append(future.result())
             bar.update(1)
     return results
+
+
+def _announce(config: PipelineConfig) -> None:
+    """Where to watch the run: Prefect's run page and the Dask dashboard, when they have one."""
+    try:
+        from prefect.runtime import flow_run
+
+        url = flow_run.ui_url
+        if url and url.startswith("http"):  # a temporary local server has no UI to link to
+            _say(f"thresher: Prefect run: {url}")
+    except Exception:  # noqa: BLE001 - a missing URL must not stop a run
+        pass
+    try:
+        from distributed import get_client
+
+        link = get_client().dashboard_link
+        if link and config.execution.dask_address:  # local clusters run without a dashboard
+            _say(f"thresher: Dask dashboard: {link}")
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def store_root_of(config: PipelineConfig) -> str:
@@ -136,10 +191,12 @@ def store_root_of(config: PipelineConfig) -> str:
 
 
 @flow(name="thresher-pipeline", log_prints=True, validate_parameters=False)
-def pipeline_flow(config_data: dict, show_progress: bool = True) -> dict[str, Any]:
+def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[str, Any]:
     """Ingest -> shard -> stages -> output, over Dask. Returns the run's manifest."""
     started = time.perf_counter()
     config = parse_config(config_data)
+    if show_progress:
+        _announce(config)
     store_root = store_root_of(config)
     paths = [str(p) for p in discover_inputs(config.inputs)] if config.inputs else []
 

@@ -81,7 +81,7 @@ def test_run_writes_data_rejected_manifest_report(tmp_path, shared_data, messy_i
 
 
 def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
-    inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel", "vicuna-7b")]
+    inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel")]
     benchmark = tmp_path / "benchmark.json"  # 40 of the instructions, as if they were an eval set
     benchmark.write_text(json.dumps(json.loads(inputs[0].read_text())[:40]))
     stages = [{"stage": "validate"}, {"stage": "exact_dedup"}, {"stage": "near_dedup"},
@@ -95,7 +95,7 @@ def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
     assert _rejected(tmp_path / "one") == _rejected(tmp_path / "two")
     reasons = one["counts"]["rejected_by_reason"]
     assert set(reasons) == {"select_where", "near_duplicate", "contaminated"}
-    assert reasons["near_duplicate"] > 0 and 40 < reasons["contaminated"] <= 3 * 40
+    assert reasons["near_duplicate"] > 0 and 20 < reasons["contaminated"] <= 2 * 40
 
 
 def _rejected(out: Path) -> list[tuple]:
@@ -195,8 +195,11 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     """The README's main job, narrowed with --input: embedded embeddings, diversity filter, outputs."""
     out = tmp_path / "demo"
     result = _thresher("run", str(repo_root / "examples/demo.yaml"), "--input",
-                       str(shared_data / "self_instruct/seed_tasks.jsonl"), "--out", str(out), "--workers", "1", "-q")
+                       str(shared_data / "self_instruct/seed_tasks.jsonl"), "--out", str(out), "--workers", "1")
     assert result.returncode == 0, result.stderr
+    # stdout is not a terminal here: a progress line per stage instead of bars
+    for stage in ("ingest", "validate", "deita_embed", "deita_filter"):
+        assert f"thresher: {stage}: 1/1 tasks" in result.stdout, result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["input"] == 175 and counts["output"] + counts["rejected"] == 175

@@ -5,8 +5,8 @@ the `magpie` source stage generates, resumed on two Dask workers, and compared w
 run of the same config in another folder on one worker: the same rows and the same KD labels
 (the pipeline ends with `kd_logprobs`), no finished task made twice, the ledger reconciled
 with the created and replaced rows counted. (The request cache is off, so the clean run
-draws every row again. The tags are tested in tests/test_magpie_dedup.py; the example config
-runs them all.)
+draws every row again. The tags and the near-duplicate stage are tested in
+tests/test_magpie_dedup.py; the example config runs them all.)
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ stages:
   - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 32, seed: 7,
       request_cache: false}}
   - {{stage: magpie_response, max_tokens: 6, request_cache: false}}
-  - {{stage: magpie_dedup, request_cache: false}}
   - {{stage: select, where: ["magpie_instruction_ends_with_colon == 0"], order_by: magpie_response_tokens, budget: 100}}
   - {{stage: kd_logprobs, k: 4, request_cache: false}}
 """
@@ -84,12 +83,12 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
         manifest = run(killed)
         magpie = manifest["stages"][0]
         assert magpie["cached"] == finished_before_kill and magpie["computed"] == TASKS - finished_before_kill
-        assert len(_workers(killed, "magpie_response", "magpie_dedup", "kd_logprobs")) == 2
+        assert len(_workers(killed, "magpie_response", "kd_logprobs")) == 2
         cluster.scale(1)
         while len(cluster.scheduler_info["workers"]) != 1:
             time.sleep(0.05)
         assert run(clean)["counts"] == manifest["counts"]
-        assert len(_workers(clean, "magpie_response", "magpie_dedup", "kd_logprobs")) == 1
+        assert len(_workers(clean, "magpie_response", "kd_logprobs")) == 1
     # the same config twice, on 2 workers and on 1: the same rows, the same ids, the same KD labels
     data = _table(killed, "data")
     assert data == _table(clean, "data") and _table(killed, "rejected") == _table(clean, "rejected")
@@ -102,7 +101,7 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
     for s in manifest["stages"]:
         assert s["in"] + s["created"] == s["out"] + s["rejected"] + s["replaced"]
     assert set(c["rejected_by_reason"]) <= {"magpie_truncated", "magpie_empty", "magpie_role_leak",
-                                            "magpie_near_duplicate", "magpie_empty_response", "select_where"}
+                                            "magpie_empty_response", "select_where"}
 
     # every output row: a user turn the model wrote, its answer, its lineage back to nothing
     replaced = {r["row_id"]: r for r in _table(killed, "replaced")}
@@ -118,7 +117,6 @@ def test_magpie_killed_during_generation_resumes_and_equals_a_clean_run(tmp_path
         assert made_by["stage"] == "magpie" and made_by["model"].startswith("hf:embedded:smollm2-135m-instruct@")
         assert made_by["sampling"]["temperature"] == 1.0 and made_by["seed"] >= 7
         a = attributes[row["row_id"]]
-        assert a["repeat_count"] >= 1 and a["min_neighbor_distance"] is not None
         assert a["magpie_response_tokens"] >= 1
         assert len(a["kd_token_ids"]) == len(a["kd_topk_ids"]) > 0 and len(a["kd_topk_ids"][0]) == 4
     assert f"0 rows read + {c['created']} created = " in (killed / "report.md").read_text()
