@@ -17,6 +17,7 @@ class ExactDedupStage(Stage):
     name = "exact_dedup"
     version = "2"  # 2: the kept row in kept_row_id
     kind = "global"
+    reads = ("content_id",)
     Params = StageParams
 
     def process(self, rows: pa.Table) -> StageOutput:

@@ -272,11 +272,14 @@ def _run_stage(stage, rows: pa.Table | None, store: Store, key: str, task=None,
 
     with model_scope(), cpu_threads(threads):  # the stage's models stay loaded while this task runs
         output = stage.process(rows) if rows is not None else stage.create(task)
-    return _store_output(stage, key, output, rows.num_rows if rows is not None else 0, started, store)
+    return _store_output(stage, key, output, rows.num_rows if rows is not None else 0, started, store,
+                         columns=rows.column_names if rows is not None else [])
 
 
-def _store_output(stage, key: str, output, n_in: int, started: float, store: Store) -> dict[str, Any]:
+def _store_output(stage, key: str, output, n_in: int, started: float, store: Store,
+                  columns: list[str] | None = None) -> dict[str, Any]:
     info = {
+        "columns": columns or [],
         "stage": stage.name, "key": key, "in": n_in, "rejected": len(output.rejected),
         "created": len(output.created), "replaced": len(output.replaced),
         "seconds": round(time.perf_counter() - started, 3), "worker": _worker_address(),
@@ -362,8 +365,10 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         rows = pa.concat_tables(maps) if maps else pa.table({"row_id": pa.array([], pa.string())})
         run = _run_stage(stage, rows, store, key, threads=threads, check=False)
     else:
-        views = [shard_view(s, store) for s in states]
-        rows = pa.concat_tables(views, promote_options="default") if views else records_table([])
+        # only the columns the stage declares, shard by shard: the corpus it holds stays narrow
+        narrow = (lambda t: t) if stage.reads is None else (lambda t: t.select(["row_id", *stage.reads]))
+        views = [narrow(shard_view(s, store)) for s in states]
+        rows = pa.concat_tables(views, promote_options="default") if views else narrow(records_table([]))
         run = _run_stage(stage, rows, store, key, threads=threads)
     return [
         {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run,

@@ -175,6 +175,9 @@ class Stage(ABC):
         """The ``origin`` of a row this stage creates: stage, version, model identity, sampling."""
         return {"stage": self.name, "version": self.version, "model": model, "sampling": sampling, **extra}
 
+    #: the columns a global stage reads besides ``row_id`` (None: every column of every row); the
+    #: run hands it only those, so the corpus it holds is as narrow as it needs
+    reads: ClassVar[tuple[str, ...] | None] = None
     #: a global stage with a per-shard step: :meth:`map_shard` runs on every shard (in parallel, on
     #: the workers) and :meth:`process` gets the concatenation of its small tables, never whole rows
     maps_shards: ClassVar[bool] = False

@@ -115,6 +115,7 @@ def test_rejected_rows_reach_the_output_with_typed_columns(tmp_path, shared_data
     states = run_global_stage(StageEntry(stage="exact_dedup", params=ExactDedupStage.Params()),
                               sharding["shards"], store_root)
     rejected = collect_rejected(ingested, sharding, states, Store(store_root))
+    assert states[0]["run"]["columns"] == ["row_id", "content_id"]  # what it declares, never whole rows
     assert rejected.schema == REJECTED_SCHEMA
     got = rejected.to_pylist()
     assert [r["reason"] for r in got] == ["exact_duplicate"] * 3
