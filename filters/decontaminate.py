@@ -74,7 +74,7 @@ class DecontaminateStage(Stage):
         index = load_index([b.model_dump() for b in p.benchmarks], p.ngram, p.short_ngram, p.keep_digits)
         texts = [_checked_text(m, p.check) for m in rows["messages"].to_pylist()]
         row_ids = rows["row_id"].to_pylist()
-        found: dict[int, tuple[int, int, int]] = {}  # row -> (index entry, n, position of the n-gram)
+        found: dict[int, tuple] = {}  # row -> (index entry, n, position of the n-gram, its NGrams)
         for n in sorted({p.ngram, p.short_ngram}, reverse=True):
             grams = ngram_hashes(texts, n, p.keep_digits, short_texts=False)
             hit = index.lookup(grams.hashes)

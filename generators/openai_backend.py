@@ -269,19 +269,13 @@ class OpenAIBackend(ModelBackend):
         self, prompts: Sequence[str], continuations: Sequence[str], max_tokens: int | None = None
     ) -> list[ContinuationScore]:
         """Per-token log p(c_t | prompt, c_<t) from ``echo`` log-probs (see :mod:`~thresher.generators.openai_echo`)."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        if not prompts:
+        if not prompts and not continuations:
             return []
-        enc = self.vocab.encoder
-        p_ids = [p if p else enc.start_ids() for p in enc.encode_prompts(prompts)]
-        c_ids = enc.encode_continuations(continuations)
+        p_ids, c_ids = self._forced_ids(prompts, continuations)
 
         async def run() -> list[ContinuationScore]:
             await self.server.setup()
-            cap = self.server.context - 1 if self.server.context else None
-            if max_tokens is not None:
-                cap = max(0, int(max_tokens)) if cap is None else min(cap, max(0, int(max_tokens)))
+            cap = self._forced_cap(max_tokens)
             jobs = []
             for p, c, prompt, cont in zip(p_ids, c_ids, prompts, continuations):
                 p2, c2, cut = truncate_pair(p, c, cap)
@@ -289,6 +283,21 @@ class OpenAIBackend(ModelBackend):
             return list(await asyncio.gather(*jobs))
 
         return self._run(run())
+
+    def _forced_ids(self, prompts: Sequence[str], continuations: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt ids (an empty prompt gets the start token) and continuation ids, for teacher forcing."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        enc = self.vocab.encoder
+        return ([p if p else enc.start_ids() for p in enc.encode_prompts(prompts)],
+                enc.encode_continuations(continuations))
+
+    def _forced_cap(self, max_tokens: int | None) -> int | None:
+        """Most prompt + continuation tokens: context - 1 (the server generates one), and ``max_tokens``."""
+        cap = self.server.context - 1 if self.server.context else None
+        if max_tokens is not None:
+            cap = max(0, int(max_tokens)) if cap is None else min(cap, max(0, int(max_tokens)))
+        return cap
 
     async def _score(
         self, prompt: str, cont: str | None, p_ids: list[int], c_ids: list[int], truncated: bool
@@ -310,13 +319,9 @@ class OpenAIBackend(ModelBackend):
         A server that takes only text prompts (llama.cpp) is refused: its echoed top-k could not
         be tied to the ids a student trains on. A server that echoes fewer entries is refused too.
         """
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        if not prompts:
+        if not prompts and not continuations:
             return []
-        enc = self.vocab.encoder
-        p_ids = [p if p else enc.start_ids() for p in enc.encode_prompts(prompts)]
-        c_ids = enc.encode_continuations(continuations)
+        p_ids, c_ids = self._forced_ids(prompts, continuations)
 
         async def run() -> list[ContinuationTopK]:
             await self.server.setup()
@@ -325,9 +330,7 @@ class OpenAIBackend(ModelBackend):
                     f"{self.base_url} takes only text prompts, so its echoed top-k cannot be tied to token ids: "
                     "teacher-forced KD labels need a server that takes token-id prompts (vllm serve), or "
                     "backend: hf / vllm")
-            cap = self.server.context - 1 if self.server.context else None
-            if max_tokens is not None:
-                cap = max(0, int(max_tokens)) if cap is None else min(cap, max(0, int(max_tokens)))
+            cap = self._forced_cap(max_tokens)
             return list(await asyncio.gather(*(self._topk_one(*truncate_pair(p, c, cap), int(k))
                                                for p, c in zip(p_ids, c_ids))))
 

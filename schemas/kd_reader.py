@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from thresher.generators.tokenizer_fingerprint import compare_fingerprints, tokenizer_fingerprint
-from thresher.schemas.kd import KD_COLUMNS, read_kd_metadata
+from thresher.schemas.kd import KD_COLUMNS, read_kd_metadata, teachers_of
 
 #: the columns :func:`load_kd_rows` returns (``kd_teacher`` and ``kd_truncated`` ride along for reporting)
 READ_COLUMNS = ("row_id", *KD_COLUMNS)
@@ -64,8 +64,7 @@ def read_kd_metadata_of(out_dir: Path | str) -> list[dict[str, Any]]:
         schema = pq.read_schema(path)
         found = read_kd_metadata(schema)
         if not found and "kd_teacher" in schema.names:
-            column = pq.read_table(path, columns=["kd_teacher"], use_threads=False)["kd_teacher"]
-            found = [json.loads(v) for v in column.drop_null().unique().to_pylist()]
+            found = teachers_of(pq.read_table(path, columns=["kd_teacher"], use_threads=False))
         entries.extend(found)
     return _dedup(entries)
 
