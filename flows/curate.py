@@ -30,6 +30,8 @@ from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
 
 from thresher.flows import pipeline
+from thresher.flows.ingest import ingest_file
+from thresher.flows.sharding import make_shards
 from thresher.flows.manifest import build_manifest
 from thresher.flows.preflight import preflight
 from thresher.flows.model_lifecycle import (
@@ -48,12 +50,12 @@ from thresher.schemas.writers import write_json_atomic, write_outputs, write_tex
 
 @task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
-    return pipeline.ingest_file(path, ingest, store_root)
+    return ingest_file(path, ingest, store_root)
 
 
 @task(name="shard", cache_policy=NO_CACHE)
 def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1) -> dict[str, Any]:
-    return pipeline.make_shards(ingested, shard_rows, store_root, min_shards)
+    return make_shards(ingested, shard_rows, store_root, min_shards)
 
 
 @task(name="source", cache_policy=NO_CACHE, retry_delay_seconds=1)

@@ -233,7 +233,8 @@ def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
 
 def test_shards_fill_the_workers_without_splitting_a_group(tmp_path, shared_data):
     """fill_cores: at least one shard per worker thread when the groups allow it, shard_rows an upper bound."""
-    from thresher.flows.pipeline import ingest_file, make_shards
+    from thresher.flows.ingest import ingest_file
+    from thresher.flows.sharding import make_shards
     from thresher.flows.threads import task_threads
     from thresher.schemas.config import IngestConfig
 

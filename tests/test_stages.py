@@ -10,9 +10,9 @@ import pytest
 
 from thresher.filters.exact_dedup import ExactDedupStage
 from thresher.filters.validate import ValidateParams, ValidateStage
-from thresher.flows.pipeline import (
-    _pack_groups, collect_rejected, ingest_file, make_shards, plan_shards, run_global_stage,
-)
+from thresher.flows.ingest import ingest_file
+from thresher.flows.pipeline import collect_rejected, run_global_stage
+from thresher.flows.sharding import _pack_groups, make_shards, plan_shards
 from thresher.flows.stage import STAGE_REJECTED_SCHEMA, StageOutput, conform_rejected
 from thresher.flows.store import Store
 from thresher.schemas.config import IngestConfig, StageEntry
