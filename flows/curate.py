@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from thresher.flows import pipeline
 from thresher.flows.ingest import ingest_file
 from thresher.flows.sharding import make_shards
+from thresher.flows.artifacts import publish_artifacts
 from thresher.flows.manifest import build_manifest
 from thresher.flows.preflight import preflight
 from thresher.flows.model_lifecycle import (
@@ -251,7 +252,9 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
                               seconds=time.perf_counter() - started)
     manifest["model_lifecycle"] = model_events
     write_json_atomic(out / "manifest.json", manifest)
-    write_text_atomic(out / "report.md", render_report(manifest, out))
+    report = render_report(manifest, out)
+    write_text_atomic(out / "report.md", report)
+    publish_artifacts(manifest, report)  # the run page in Prefect's UI shows the funnel
     return manifest
 
 
