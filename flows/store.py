@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,23 +62,36 @@ class Store:
 
     def write(self, stage: str, key: str, tables: dict[str, pa.Table | None], info: dict[str, Any]) -> None:
         """Write a finished result atomically (temp folder + rename); first writer wins."""
-        final = self.path(stage, key)
         if self.is_done(stage, key):
             return
-        tmp = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        with self.staging(stage, key) as tmp:
             for name, table in tables.items():
                 if table is not None:
                     pq.write_table(table, tmp / f"{name}.parquet")
-            (tmp / DONE_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # an unfinished leftover (no result.json): replace it
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not self.is_done(stage, key):  # lost a race to a writer that did not finish
-                    raise
+            self.commit(stage, key, tmp, info)
+
+    @contextmanager
+    def staging(self, stage: str, key: str) -> Iterator[Path]:
+        """A fresh temporary folder to write a result's files into (``<name>.parquet``, read
+        back by :meth:`read_table`), bit by bit if need be; :meth:`commit` it when they are
+        all written. It is removed on the way out, so a failure leaves nothing behind."""
+        tmp = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit(self, stage: str, key: str, tmp: Path, info: dict[str, Any]) -> None:
+        """Finish a result written into ``tmp`` (from :meth:`staging`): ``result.json`` last,
+        then one rename into place; first writer wins."""
+        final = self.path(stage, key)
+        (tmp / DONE_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists() and not self.is_done(stage, key):  # an unfinished leftover: replace it
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not self.is_done(stage, key):  # lost a race to a writer that did not finish
+                raise

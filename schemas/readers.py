@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from thresher.schemas import formats as F
-from thresher.schemas.records import content_id, make_record, make_rejected
+from thresher.schemas.records import make_record, make_rejected
 
 READER_VERSION = "1"
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
@@ -214,61 +214,126 @@ def iter_raw_records(path: Path) -> Iterator[RawRecord]:
 
 # --------------------------------------------------------------------------- one file
 
+#: Raw rows (lines of a JSONL file, rows of a Parquet file) per batch when a file is read in
+#: batches: ingest holds about one batch of records in memory, whatever the file's size.
+BATCH_ROWS = 4096
+#: A batch also closes once its raw rows reach this many bytes (rows can be large).
+BATCH_BYTES = 64 << 20
 
-def read_file(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_000) -> FileResult:
-    """Read one file into canonical records and rejected entries (see module doc)."""
-    if fmt != "auto" and fmt not in F.FORMATS:
-        raise ValueError(f"unknown format '{fmt}'; choose one of: auto, {', '.join(F.FORMATS)}")
-    source = source_name(path)
-    result = FileResult(source, None if fmt == "auto" else fmt)
-    seen_ids: dict[str, int] = {}
-    occurrences: dict[str, int] = {}
 
-    def reject(raw: RawRecord, reason: str, detail: str) -> None:
+class _FileReader:
+    """Turns one file's raw records into canonical records and rejected entries.
+
+    Holds the state that spans the whole file, whatever the batches: the format (detected
+    on the first good row), the ids seen (a repeated id is quarantined) and how often each
+    content was seen (its occurrence number goes into the ``row_id``). Both maps grow with
+    the file; content ids are kept as ints (24 hex digits: 96 bits), about half the size of
+    their strings.
+    """
+
+    def __init__(self, path: Path, fmt: str, max_row_bytes: int):
+        if fmt != "auto" and fmt not in F.FORMATS:
+            raise ValueError(f"unknown format '{fmt}'; choose one of: auto, {', '.join(F.FORMATS)}")
+        self.path = path
+        self.source = source_name(path)
+        self.format: str | None = None if fmt == "auto" else fmt
+        self.max_row_bytes = max_row_bytes
+        self.seen_ids: dict[str, int] = {}
+        self.occurrences: dict[int, int] = {}
+
+    def batches(self, batch_rows: int, batch_bytes: int) -> Iterator[FileResult]:
+        """The file's records and rejected entries, one :class:`FileResult` per ``batch_rows``
+        raw rows (or ``batch_bytes`` of them), in file order (at least one, empty for an empty
+        file); ``format`` is the format known so far."""
+        if not self.path.exists():
+            raise UnreadableFileError(self.path, "no such file")
+        batch = FileResult(self.source, self.format)
+        rows = size = 0
+        first = True
+        for raw in iter_raw_records(self.path):
+            size += self.read(raw, batch)
+            rows += 1
+            if rows >= batch_rows or size >= batch_bytes:
+                batch.format = self.format
+                yield batch
+                batch = FileResult(self.source, self.format)
+                rows = size = 0
+                first = False
+        if rows or first:  # an empty file gives one empty batch
+            batch.format = self.format
+            yield batch
+
+    def _reject(self, raw: RawRecord, out: FileResult, reason: str, detail: str) -> None:
         raw_text = raw.raw if raw.raw is not None else _dump(raw.value)
-        result.rejected.append(
-            make_rejected(source=source, source_row=raw.index, stage=INGEST_STAGE,
+        out.rejected.append(
+            make_rejected(source=self.source, source_row=raw.index, stage=INGEST_STAGE,
                           reason=reason, detail=detail, raw=raw_text)
         )
 
-    if not path.exists():
-        raise UnreadableFileError(path, "no such file")
-    for raw in iter_raw_records(path):
+    def read(self, raw: RawRecord, out: FileResult) -> int:
+        """Add what one raw record gives to ``out``; returns its size in bytes (for batching)."""
         if raw.error is not None:
-            reject(raw, raw.error.reason, raw.error.detail)
-            continue
+            self._reject(raw, out, raw.error.reason, raw.error.detail)
+            return len(raw.raw or "")
         size = len(raw.raw.encode("utf-8", "surrogateescape")) if raw.raw is not None else len(
             json.dumps(raw.value, ensure_ascii=False, default=str).encode("utf-8", "surrogateescape"))
-        if size > max_row_bytes:
-            reject(raw, F.REASON_TOO_LARGE, f"row is {size} bytes, over the limit of {max_row_bytes}")
-            continue
+        if size > self.max_row_bytes:
+            self._reject(raw, out, F.REASON_TOO_LARGE, f"row is {size} bytes, over the limit of {self.max_row_bytes}")
+            return size
         if not isinstance(raw.value, dict):
-            reject(raw, F.REASON_NOT_AN_OBJECT, f"row is a JSON {type(raw.value).__name__}, not an object")
-            continue
+            self._reject(raw, out, F.REASON_NOT_AN_OBJECT, f"row is a JSON {type(raw.value).__name__}, not an object")
+            return size
         if _has_lone_surrogate(raw.value):
-            reject(raw, F.REASON_INVALID_UTF8, "text holds bytes that are not valid UTF-8")
-            continue
-        if result.format is None:
-            result.format = F.detect_format(raw.value)
-            if result.format is None:
-                reject(raw, F.REASON_UNRECOGNIZED, f"no known format has the fields {sorted(raw.value)}")
-                continue
+            self._reject(raw, out, F.REASON_INVALID_UTF8, "text holds bytes that are not valid UTF-8")
+            return size
+        if self.format is None:
+            self.format = F.detect_format(raw.value)
+            if self.format is None:
+                self._reject(raw, out, F.REASON_UNRECOGNIZED, f"no known format has the fields {sorted(raw.value)}")
+                return size
         own_id = F.record_id(raw.value)
         if own_id is not None:
-            if own_id in seen_ids:
-                reject(raw, F.REASON_DUPLICATE_ID, f"id {own_id!r} already used by row {seen_ids[own_id]}")
-                continue
-            seen_ids[own_id] = raw.index
+            if own_id in self.seen_ids:
+                self._reject(raw, out, F.REASON_DUPLICATE_ID,
+                             f"id {own_id!r} already used by row {self.seen_ids[own_id]}")
+                return size
+            self.seen_ids[own_id] = raw.index
         try:
-            parsed = F.FORMATS[result.format](raw.value)
+            parsed = F.FORMATS[self.format](raw.value)
         except F.RowError as err:
-            reject(raw, err.reason, err.detail)
-            continue
+            self._reject(raw, out, err.reason, err.detail)
+            return size
         for item in parsed:
-            key = content_id(item.messages)
-            occurrence = occurrences.get(key, 0)
-            occurrences[key] = occurrence + 1
-            result.records.append(
-                make_record(item.messages, source, raw.index, occurrence, item.candidate, item.meta)
-            )
+            record = make_record(item.messages, self.source, raw.index, 0, item.candidate, item.meta)
+            key = int(record["content_id"], 16)
+            occurrence = self.occurrences.get(key, 0)
+            self.occurrences[key] = occurrence + 1
+            if occurrence:
+                record = make_record(item.messages, self.source, raw.index, occurrence, item.candidate, item.meta)
+            out.records.append(record)
+        return size
+
+
+def iter_file_batches(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_000,
+                      batch_rows: int = BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> Iterator[FileResult]:
+    """Read one file in batches: a :class:`FileResult` per ``batch_rows`` raw rows (or
+    ``batch_bytes`` of raw text), in file order, with the records and rejected entries those
+    rows gave and the format known so far (see module doc).
+
+    JSONL files, Parquet files and ``datasets`` folders are read a batch at a time. A
+    ``.json`` file is one JSON document and is parsed whole before the first batch.
+    The rows are those :func:`read_file` gives, in the same order, whatever the batch size:
+    duplicate ids and repeated content are tracked across the whole file.
+    """
+    return _FileReader(path, fmt, max_row_bytes).batches(max(1, batch_rows), max(1, batch_bytes))
+
+
+def read_file(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_000) -> FileResult:
+    """Read one file into canonical records and rejected entries (see module doc), all at once."""
+    reader = _FileReader(path, fmt, max_row_bytes)
+    result = FileResult(reader.source, reader.format)
+    for batch in reader.batches(BATCH_ROWS, BATCH_BYTES):
+        result.records += batch.records
+        result.rejected += batch.rejected
+    result.format = reader.format
     return result

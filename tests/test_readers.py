@@ -206,3 +206,40 @@ def test_ids_are_stable_and_groups_follow_the_prompt():
     assert row_id(a, "x/f.json") == row_id(a, "x/f.json")
     assert row_id(a, "x/f.json") != row_id(a, "x/g.json")
     assert row_id(a, "x/f.json", 0) != row_id(a, "x/f.json", 1)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_a_file_read_in_batches_gives_the_rows_read_whole(tmp_path):
+    """Batches of 3 raw rows: malformed line, repeated id and repeated content (across batches)
+    are judged on the whole file; ingest writes the same rows batch by batch."""
+    from thresher.flows.ingest import ingest_file
+    from thresher.flows.store import Store
+    from thresher.schemas.config import IngestConfig
+    from thresher.schemas.readers import iter_file_batches
+
+    def row(i, instruction, output="ok"):
+        return json.dumps({"id": i, "instruction": instruction, "output": output}).encode()
+
+    lines = [row(1, "a"), b'{"id": 9, "instruction": ', row(2, "b"), row(1, "again"), b"",
+             row(3, "c"), row(4, "d"), row(5, "  ", "x"), row(6, "a"), b"[1]", row(7, "b")]
+    path = _write_jsonl(tmp_path / "stream.jsonl", lines)
+    whole = read_file(path)
+    batches = list(iter_file_batches(path, batch_rows=3))
+    assert len(batches) == 4 and batches[-1].format == whole.format == "alpaca"
+    assert [r for b in batches for r in b.records] == whole.records
+    assert [r for b in batches for r in b.rejected] == whole.rejected
+    assert [(r["source_row"], r["reason"]) for r in whole.rejected] == [
+        (1, "malformed_json"), (3, "duplicate_id"), (7, "empty_field"), (9, "not_an_object")]
+    first_a, again_a = whole.records[0], whole.records[4]  # row 8 repeats row 0's content in a later batch
+    assert (again_a["source_row"], again_a["content_id"]) == (8, first_a["content_id"])
+    assert again_a["row_id"] == row_id(again_a["messages"], again_a["source"], 1) != first_a["row_id"]
+
+    store = str(tmp_path / "store")
+    info = ingest_file(str(path), IngestConfig(), store, batch_rows=3)
+    assert (info["format"], info["records"], info["rejected"]) == ("alpaca", len(whole.records), 4)
+    file = Store(store).path("ingest", info["key"]) / "records.parquet"
+    assert pq.ParquetFile(file).num_row_groups > 1  # written batch by batch
+    assert Store(store).read_table("ingest", info["key"], "records").to_pylist() == whole.records
+    assert Store(store).read_table("ingest", info["key"], "rejected").to_pylist() == whole.rejected
