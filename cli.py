@@ -3,6 +3,7 @@
     thresher ingest INPUT... --out DIR     normalize + quarantine + write, no selection
     thresher run CONFIG [--input PATH]... [--out DIR] [--dask-address ADDR] [--workers N]
     thresher kd-check OUT --student MODEL  does MODEL's tokenizer give the KD teacher's token ids?
+    thresher report OUT                    render OUT/report.md and its figures again from a finished output
 
 Failures exit non-zero with a one-line reason on stderr (``--debug`` shows the traceback).
 """
@@ -272,6 +273,29 @@ def kd_check(
                            "to the stored kd_prompt_token_ids / kd_token_ids, so train on those ids")
     except typer.Exit:
         raise
+    except BaseException as err:
+        _fail(err, debug)
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="the output folder of a finished run (with its manifest.json)"),
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Render OUT/report.md and its figures (OUT/report/*.png) again from OUT/manifest.json and the
+    output's Parquet; nothing is recomputed."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        typer.echo(f"thresher: error: {manifest_path} not found: is {out} the output folder of a finished run?", err=True)
+        raise typer.Exit(code=1)
+    try:
+        from thresher.schemas.report import render_report
+        from thresher.schemas.writers import write_text_atomic
+
+        manifest = json.loads(manifest_path.read_text())
+        write_text_atomic(out / "report.md", render_report(manifest, out))
+        figures = sorted((out / "report").glob("*.png"))
+        typer.echo(f"wrote {out / 'report.md'} and {len(figures)} figures in {out / 'report'}")
     except BaseException as err:
         _fail(err, debug)
 

@@ -1,10 +1,17 @@
-"""``report.md``: the run's funnel and figures, for a person to read."""
+"""``report.md``: the run's funnel and figures, for a person to read.
+
+The figures are PNGs in ``OUT/report/`` (:mod:`thresher.schemas.report_plots`), linked relatively,
+so the report and its folder can be moved together. ``thresher report OUT`` renders both again
+from ``OUT/manifest.json`` and the output's Parquet.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from thresher.schemas.report_plots import Figure, make_plots
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -13,7 +20,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def _summary_lines(name: str, summary: dict[str, Any]) -> list[str]:
+def _images(figures: list[Figure], notes: Sequence[str] = ()) -> list[str]:
+    lines = [line for f in figures for line in (f"![{f.title}]({f.path})", "")]
+    return lines + ([f"- {n}" for n in notes] + [""] if notes else [])
+
+
+def _summary_lines(name: str, summary: dict[str, Any], figures: list[Figure], notes: list[str]) -> list[str]:
     lines = [f"### {name}", ""]
     for key, value in summary.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -23,7 +35,7 @@ def _summary_lines(name: str, summary: dict[str, Any]) -> list[str]:
             lines += [f"![{key}]({value})", ""]
         else:
             lines += [f"- **{key}**: {json.dumps(value) if isinstance(value, (dict, list)) else value}"]
-    return lines + [""]
+    return lines + [""] + _images(figures, notes)
 
 
 def _ledger(c: dict[str, Any]) -> str:
@@ -34,7 +46,9 @@ def _ledger(c: dict[str, Any]) -> str:
 
 
 def render_report(manifest: dict[str, Any], out: Path) -> str:
+    """The markdown of ``report.md``; writes its figures to ``out/report/`` (replacing an earlier run's)."""
     c = manifest["counts"]
+    plots = make_plots(manifest, Path(out))
     lines = [
         f"# thresher report: {manifest['name']}",
         "",
@@ -54,6 +68,7 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
                 [[s["stage"], s["in"], s.get("created", 0), s["rejected"], s.get("replaced", 0), s["out"],
                   s["computed"], s["cached"], s["seconds"]] for s in manifest["stages"]]),
         "",
+        *_images(plots.of("funnel"), plots.notes_of("funnel")),
         "## Rejected rows by reason",
         "",
         *_table(["reason", "rows"], [[r, n] for r, n in c["rejected_by_reason"].items()] or [["(none)", 0]]),
@@ -62,10 +77,21 @@ def render_report(manifest: dict[str, Any], out: Path) -> str:
         "rows a stage replaced with a row it created (the new row names it in `parent_row_id`) are in `replaced/`.",
         "",
     ]
-    if manifest.get("summaries"):
+    if plots.of("attributes") or plots.notes_of("attributes"):
+        lines += ["## Attributes by source", "",
+                  "The numeric attributes of the output's rows, one series per source, each as a share of its "
+                  "source's rows (n: the source's rows with a value).", "",
+                  *_images(plots.of("attributes"), plots.notes_of("attributes"))]
+    summaries = manifest.get("summaries") or {}
+    if summaries:
         lines += ["## Stages", ""]
-        for name, summary in manifest["summaries"].items():
-            lines += _summary_lines(name, summary)
+        for name, summary in summaries.items():
+            lines += _summary_lines(name, summary, plots.of(name), plots.notes_of(name))
+    placed = {"funnel", "attributes", *summaries}
+    others = [f for f in plots.figures if f.section not in placed]
+    other_notes = [text for section, text in plots.notes if section not in placed]
+    if others or other_notes:
+        lines += ["## Other figures", "", *_images(others, other_notes)]
     if manifest.get("models"):
         lines += ["## Models", "", *_table(["stage", "name", "backend"],
                                              [[m["stage"], m["name"], m["backend"]] for m in manifest["models"]]), ""]
