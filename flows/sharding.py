@@ -1,16 +1,26 @@
 """Sharding: split the ingested corpus into shards of whole groups, and drop repeated rows.
 
-A shard holds at most ``shard_rows`` rows (unless one group is larger); with
+A shard holds at most ``shard_rows`` rows and, with ``shard_bytes``, at most that many
+bytes of ``messages`` JSON (unless one group is larger: groups are never split); with
 ``min_shards`` (the cluster's worker threads) there are at least that many shards of
 nearly equal size when the rows allow it, so no worker sits idle.
+
+Planning reads only the narrow columns (``row_id``, ``group_id``, and each row's
+``messages`` size when ``shard_bytes`` is set); each shard is then written by taking its
+rows from the row groups of the ingested files that hold them, so memory holds about a
+shard's worth of rows, not the corpus.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from thresher.flows.store import Store, digest
 from thresher.schemas.readers import INGEST_STAGE
@@ -20,50 +30,160 @@ SHARDING_VERSION = "1"
 SHARDING_STAGE = "shard"
 REASON_DUPLICATE_ROW = "duplicate_row"
 
-
-def _pack_groups(group_ids: list[str], shard_rows: int) -> list[list[int]]:
-    """Row positions per shard: groups in order of first appearance, never split."""
-    members: dict[str, list[int]] = {}
-    for position, gid in enumerate(group_ids):
-        members.setdefault(gid, []).append(position)
-    shards: list[list[int]] = [[]]
-    for rows in members.values():
-        if shards[-1] and len(shards[-1]) + len(rows) > shard_rows:
-            shards.append([])
-        shards[-1].extend(rows)
-    return [s for s in shards if s]
+GroupIds = Sequence[str] | pa.Array | pa.ChunkedArray
 
 
-def _balance_groups(group_ids: list[str], parts: int) -> list[list[int]]:
+# --------------------------------------------------------------------------- sizes
+
+
+#: ``json.dumps(messages, ensure_ascii=False)`` writes each message as
+#: ``{"role": "<role>", "content": "<content>"}`` and joins them with ``", "`` inside ``[]``.
+_MESSAGE_FRAME = len('{"role": "", "content": ""}')
+_ESCAPED_AS_TWO = r'["\\\n\r\t\x08\x0c]'  # written as \" \\ \n \r \t \b \f
+_ESCAPED_AS_SIX = r"[\x00-\x07\x0b\x0e-\x1f]"  # other control characters: \u00XX
+
+
+def _json_string_bytes(strings: pa.Array) -> np.ndarray:
+    """Bytes of each string as JSON writes it (``ensure_ascii=False``), quotes left out."""
+    size = pc.binary_length(strings).to_numpy(zero_copy_only=False).astype(np.int64)
+    size += pc.count_substring_regex(strings, _ESCAPED_AS_TWO).to_numpy(zero_copy_only=False)
+    size += 5 * pc.count_substring_regex(strings, _ESCAPED_AS_SIX).to_numpy(zero_copy_only=False)
+    return size
+
+
+def messages_json_bytes(messages: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each row's ``len(json.dumps(messages, ensure_ascii=False).encode())``, computed in Arrow."""
+    if isinstance(messages, pa.ChunkedArray):
+        parts = [messages_json_bytes(chunk) for chunk in messages.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    turns = pc.list_value_length(messages).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(messages)
+    per_turn = (_MESSAGE_FRAME + _json_string_bytes(pc.struct_field(flat, "role").fill_null(""))
+                + _json_string_bytes(pc.struct_field(flat, "content").fill_null("")))
+    parents = pc.list_parent_indices(messages).to_numpy(zero_copy_only=False)
+    total = np.bincount(parents, weights=per_turn, minlength=len(messages)).astype(np.int64)
+    return total + 2 + 2 * np.maximum(turns - 1, 0)  # "[" "]" and ", " between turns
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _groups(group_ids: GroupIds, row_bytes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(row positions, group by group in order of first appearance; rows per group; bytes per group)."""
+    array = group_ids if isinstance(group_ids, (pa.Array, pa.ChunkedArray)) else pa.array(group_ids, pa.string())
+    if isinstance(array, pa.ChunkedArray):  # large_string: no 2 GiB limit when the chunks are combined
+        array = array.cast(pa.large_string()).combine_chunks() if array.num_chunks else pa.array([], pa.string())
+    # dictionary codes are given in order of first appearance
+    codes = array.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    group_bytes = None if row_bytes is None else np.bincount(codes, weights=row_bytes).astype(np.int64)
+    return order, sizes, group_bytes
+
+
+def _split(order: np.ndarray, sizes: np.ndarray, first_groups: list[int]) -> list[np.ndarray]:
+    """``order`` cut before each group in ``first_groups`` (a shard's first group)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [s for s in np.split(order, starts[first_groups[1:]]) if len(s)] if first_groups else []
+
+
+def _pack_groups(group_ids: GroupIds, shard_rows: int, row_bytes: np.ndarray | None = None,
+                 shard_bytes: int | None = None) -> list[np.ndarray]:
+    """Row positions per shard: groups in order of first appearance, never split; a shard
+    closes when the next group would take it over ``shard_rows`` rows or ``shard_bytes`` bytes."""
+    order, sizes, group_bytes = _groups(group_ids, row_bytes if shard_bytes is not None else None)
+    first_groups: list[int] = []
+    rows = size = 0
+    byte_list = group_bytes.tolist() if group_bytes is not None else None
+    for index, n in enumerate(sizes.tolist()):
+        b = byte_list[index] if byte_list is not None else 0
+        if not first_groups or (rows and (rows + n > shard_rows or (byte_list is not None and size + b > shard_bytes))):
+            first_groups.append(index)
+            rows = size = 0
+        rows += n
+        size += b
+    return _split(order, sizes, first_groups)
+
+
+def _balance_groups(group_ids: GroupIds, parts: int) -> list[np.ndarray]:
     """Row positions in ``parts`` shards of nearly equal rows: groups in order, never split
     (a group goes to the shard its first row's place in the corpus falls in)."""
-    members: dict[str, list[int]] = {}
-    for position, gid in enumerate(group_ids):
-        members.setdefault(gid, []).append(position)
-    shards: list[list[int]] = [[] for _ in range(parts)]
-    before = 0
-    for rows in members.values():
-        shards[min(parts - 1, before * parts // len(group_ids))].extend(rows)
-        before += len(rows)
-    return [s for s in shards if s]
+    order, sizes, _ = _groups(group_ids, None)
+    before = np.cumsum(sizes) - sizes
+    shard_of = np.minimum(parts - 1, before * parts // max(1, len(order)))
+    first_groups = np.flatnonzero(np.diff(shard_of, prepend=-1)).tolist()
+    return _split(order, sizes, first_groups)
 
 
-def plan_shards(group_ids: list[str], shard_rows: int, min_shards: int = 1) -> list[list[int]]:
-    """Row positions per shard: at most ``shard_rows`` rows each (unless one group is larger),
-    and at least ``min_shards`` shards of nearly equal size when the rows allow it."""
+def plan_shards(group_ids: GroupIds, shard_rows: int, min_shards: int = 1,
+                row_bytes: np.ndarray | None = None, shard_bytes: int | None = None) -> list[np.ndarray]:
+    """Row positions per shard: at most ``shard_rows`` rows each and, with ``shard_bytes``, at
+    most that many bytes of ``row_bytes`` (unless one group is larger), and at least
+    ``min_shards`` shards of nearly equal rows when the rows and bytes allow it."""
     n = len(group_ids)
+    if shard_bytes is not None and row_bytes is None:
+        raise ValueError("shard_bytes needs row_bytes (each row's size)")
     if min_shards > 1 and n and -(-n // min_shards) < shard_rows:
         balanced = _balance_groups(group_ids, min_shards)
-        if max(len(s) for s in balanced) <= shard_rows:
+        if max(len(s) for s in balanced) <= shard_rows and (
+                shard_bytes is None or max(int(row_bytes[s].sum()) for s in balanced) <= shard_bytes):
             return balanced
-    return _pack_groups(group_ids, shard_rows)
+    return _pack_groups(group_ids, shard_rows, row_bytes, shard_bytes)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+class _IngestedRows:
+    """One ingested ``records.parquet``, read by row-group ranges; the last range read is kept
+    (consecutive shards mostly need the same row groups)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = pq.read_metadata(path)
+        sizes = [self.metadata.row_group(i).num_rows for i in range(self.metadata.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])  # first row of each row group
+        self._cached: tuple[int, int, pa.Table] | None = None  # first, last row group read, their rows
+
+    def rows(self, positions: np.ndarray, columns: list[str] | None = None) -> tuple[pa.Table, int]:
+        """(rows holding every one of ``positions``, the position of its first row); all columns
+        (kept for the next call), or a one-off read of ``columns``."""
+        first = int(np.searchsorted(self.starts, positions.min(), side="right") - 1)
+        last = int(np.searchsorted(self.starts, positions.max(), side="right") - 1)
+        cached = self._cached
+        if columns is not None or cached is None or cached[0] > first or cached[1] < last:
+            with pq.ParquetFile(self.path, metadata=self.metadata) as parquet:
+                cached = (first, last, parquet.read_row_groups(range(first, last + 1), columns=columns))
+            if columns is None:
+                self._cached = cached
+        return cached[2], int(self.starts[cached[0]])
+
+    def release(self) -> None:
+        self._cached = None
+
+
+def _take_rows(files: list[_IngestedRows], starts: np.ndarray, positions: np.ndarray,
+               columns: list[str] | None = None) -> pa.Table:
+    """The corpus rows at ``positions`` (in that order), the corpus being the files end to end."""
+    owner = np.searchsorted(starts, positions, side="right") - 1
+    local = positions - starts[owner]
+    pieces, offset = [], np.zeros(len(files), np.int64)
+    base = 0
+    for index in np.unique(owner).tolist():
+        table, first_row = files[index].rows(local[owner == index], columns)
+        offset[index] = base - first_row
+        pieces.append(table)
+        base += table.num_rows
+    return pa.concat_tables(pieces).take(pa.array(local + offset[owner], pa.int64()))
 
 
 def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
-                min_shards: int = 1) -> dict[str, Any]:
+                min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
     """Split the ingested corpus into shards of at most ``shard_rows`` rows, groups kept whole.
 
-    With ``min_shards`` (the cluster's worker threads), there are at least that many
+    With ``shard_bytes``, a shard also closes before its rows' ``messages`` JSON would pass
+    that many bytes (:func:`messages_json_bytes`; a group larger than that is a shard of its
+    own). With ``min_shards`` (the cluster's worker threads), there are at least that many
     shards of nearly equal size when the rows allow it, so no worker sits idle
     (:func:`plan_shards`).
     Returns ``{"key", "shards": [state, ...], "rejected": n, "cached"}``. Rows whose
@@ -72,23 +192,37 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     """
     store = Store(store_root)
     ingested = sorted(ingested, key=lambda info: info["path"])
-    key = digest({"version": SHARDING_VERSION, "inputs": [i["key"] for i in ingested], "shard_rows": shard_rows,
-                  "min_shards": min_shards})
+    fields = {"version": SHARDING_VERSION, "inputs": [i["key"] for i in ingested], "shard_rows": shard_rows,
+              "min_shards": min_shards}
+    if shard_bytes is not None:  # only then: earlier stores keep their keys
+        fields["shard_bytes"] = shard_bytes
+    key = digest(fields)
     if store.is_done(SHARDING_STAGE, key):
         return {**store.read_info(SHARDING_STAGE, key), "cached": True}
-    tables = [store.read_table(INGEST_STAGE, i["key"], "records") for i in ingested]
-    corpus = pa.concat_tables(tables) if tables else records_table([])
-    row_ids = corpus["row_id"].to_pylist()
-    seen: set[str] = set()
-    keep = []
-    duplicates = []
-    for position, rid in enumerate(row_ids):
-        if rid in seen:
-            duplicates.append(position)
-        else:
-            seen.add(rid)
-            keep.append(position)
-    dup_rows = corpus.take(duplicates).to_pylist() if duplicates else []
+
+    paths = [store.path(INGEST_STAGE, i["key"]) / "records.parquet" for i in ingested]
+    narrow = [pq.read_table(p, columns=["row_id", "group_id"]) for p in paths]
+    files = [_IngestedRows(p) for p in paths]
+    starts = np.concatenate([[0], np.cumsum([t.num_rows for t in narrow], dtype=np.int64)])
+    corpus = pa.concat_tables(narrow) if narrow else records_table([]).select(["row_id", "group_id"])
+    del narrow
+    row_bytes = None
+    if shard_bytes is not None:
+        row_bytes = np.concatenate([np.zeros(0, np.int64)] + [
+            messages_json_bytes(batch.column(0))
+            for p in paths for batch in pq.ParquetFile(p).iter_batches(columns=["messages"])])
+
+    # the first row of each row_id is kept, later ones are duplicates
+    ids = corpus["row_id"].cast(pa.large_string()).combine_chunks() if corpus.num_rows else pa.array([], pa.string())
+    first = np.unique(ids.dictionary_encode().indices.to_numpy(zero_copy_only=False), return_index=True)[1]
+    keep = np.zeros(corpus.num_rows, bool)
+    keep[first] = True
+    duplicates = np.flatnonzero(~keep)
+    kept = np.flatnonzero(keep)
+    del ids, first
+
+    dup_rows = _take_rows(files, starts, duplicates, ["row_id", "messages", "source", "source_row", "candidate"]
+                          ).to_pylist() if len(duplicates) else []
     rejected = rejected_table(
         make_rejected(source=r["source"], source_row=r["source_row"], stage=SHARDING_STAGE,
                       reason=REASON_DUPLICATE_ROW, detail=f"row_id {r['row_id']} already read",
@@ -96,10 +230,19 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
                       candidate=r["candidate"])
         for r in dup_rows
     )
-    corpus = corpus.take(pa.array(keep, pa.int64()))
+    del dup_rows
+    group_ids = corpus["group_id"].take(pa.array(kept, pa.int64())) if len(duplicates) else corpus["group_id"]
+    del corpus
+    plan = plan_shards(group_ids, shard_rows, min_shards,
+                       row_bytes[kept] if row_bytes is not None else None, shard_bytes)
     states = []
-    for index, positions in enumerate(plan_shards(corpus["group_id"].to_pylist(), shard_rows, min_shards)):
-        shard = corpus.take(pa.array(positions, pa.int64()))
+    for index, positions in enumerate(plan):
+        rows = kept[positions]
+        touched = set((np.searchsorted(starts, rows, side="right") - 1).tolist())
+        for number, file in enumerate(files):
+            if number not in touched:
+                file.release()  # keep only what this shard may share with the next
+        shard = _take_rows(files, starts, rows)
         shard_key = digest({"rows": shard["row_id"].to_pylist()})
         store.write("shards", shard_key, {"records": shard}, {"rows": shard.num_rows})
         states.append({"index": index, "key": shard_key, "base": shard_key, "layers": [], "rows": shard.num_rows})

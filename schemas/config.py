@@ -112,6 +112,10 @@ class PipelineConfig(BaseModel):
     out: str | None = None
     cache_dir: str | None = Field(None, description="work store; default <out>/.thresher")
     shard_rows: int = Field(2000, ge=1, description="rows per shard (a group is never split)")
+    shard_bytes: int | None = Field(
+        None, ge=1, description="bytes per shard: a shard closes before its rows' `messages` JSON would pass "
+                                "this many bytes (a group is never split: a larger one is a shard of its own); "
+                                "shard_rows stays an upper bound; None = rows only")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
