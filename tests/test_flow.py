@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from thresher.cli import app
 from thresher.flows.curate import execute
 from thresher.flows.registry import parse_config
 
@@ -120,6 +124,14 @@ def test_rerun_recomputes_nothing(tmp_path, shared_data):
     assert third["counts"]["output"] == 50
 
 
+def _report_figures(out: Path) -> list[str]:
+    """The figures report.md links, each checked to be a PNG file in the output."""
+    figures = re.findall(r"!\[[^\]]*\]\((report/[^)]+\.png)\)", (out / "report.md").read_text())
+    assert sorted(p.name for p in (out / "report").iterdir()) == sorted(Path(f).name for f in figures)
+    assert all((out / f).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in figures)
+    return figures
+
+
 def _thresher(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "thresher.cli", *args], capture_output=True, text=True, **kwargs)
 
@@ -207,6 +219,16 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     assert len(attributes) == counts["output"] and all(len(a["deita_embedding"]) == 384 for a in attributes)
     assert all(a["deita_max_similarity"] is None or a["deita_max_similarity"] <= 0.9 for a in attributes)
     assert manifest["summaries"]["deita_filter"]["order_by"] == "corpus order"
+
+    # report.md's figures: PNGs beside it, linked relatively; `thresher report` renders them again
+    figures = _report_figures(out)
+    assert {"report/funnel.png", "report/attr-deita_max_similarity.png"} <= set(figures)
+    assert not [f for f in figures if "embedding" in f]  # a list column is not plotted
+    shutil.rmtree(out / "report")
+    (out / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _report_figures(out) == figures
 
 
 def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
