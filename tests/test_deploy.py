@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,31 @@ def _wait_until(check, timeout: float, what: str, procs=()):
             pass
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _check_artifacts(api: str, run_output: str, manifest: dict) -> None:
+    """The run's funnel table and report markdown, read back from the server: they belong to the
+    `thresher-pipeline` subflow run of the triggered `thresher-curate` run."""
+    parent = re.search(r"UUID: ([0-9a-f-]{36})", run_output).group(1)
+    children = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+        "flows": {"name": {"any_": ["thresher-pipeline"]}},
+        "flow_runs": {"parent_flow_run_id": {"any_": [parent]}}}).json()
+    assert len(children) == 1, children
+    artifacts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+        "artifacts": {"flow_run_id": {"any_": [children[0]["id"]]}}}).json()
+    by_key = {a["key"]: a for a in artifacts}
+    assert set(by_key) == {"thresher-funnel", "thresher-report"}
+    assert by_key["thresher-funnel"]["type"] == "table" and by_key["thresher-report"]["type"] == "markdown"
+    table = json.loads(by_key["thresher-funnel"]["data"])
+    assert [(r["stage"], r["rows in"], r["created"], r["rejected"], r["replaced"], r["rows out"]) for r in table] == [
+        (s["stage"], s["in"], s["created"], s["rejected"], s["replaced"], s["out"]) for s in manifest["stages"]]
+    assert [r["stage"] for r in table] == ["validate", "exact_dedup", "select"]
+    c = manifest["counts"]
+    report = by_key["thresher-report"]["data"]
+    assert f"**{c['input']} rows read = {c['output']} rows out + {c['rejected']} rejected**" in report
+    funnel = Path(manifest["config"]["out"]) / "report" / "funnel.png"
+    assert f"*Figure: rows per stage (`{funnel}`)*" in report and "](report/" not in report  # no broken image
+    assert funnel.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.fixture
@@ -71,6 +97,7 @@ def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_se
         assert manifest["counts"]["output"] == 100
         assert manifest["counts"]["input"] == 1319
         assert not (tmp_path / "default-out").exists()  # the --param override was used
+        _check_artifacts(api, run.stdout, manifest)
 
         keyed = tmp_path / "keyed.yaml"  # the same deployment, another config: an openai model, the key from the env
         keyed.write_text(
