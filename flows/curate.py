@@ -17,6 +17,7 @@ depend on the run id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -39,14 +40,14 @@ from thresher.flows.model_lifecycle import (
     model_events_everywhere, model_keys, release_models_everywhere, stage_models,
 )
 from thresher.flows.registry import load_config, parse_config, source_entries, stage_class
-from thresher.flows.store import Store
+from thresher.flows.output_parts import finish_output, summary_tables, write_ingest_rejected, write_shard_parts
 from thresher.flows.threads import task_threads
 from thresher.generators.registry import MEMORY_BUDGET_ENV
 from thresher.schemas.config import ExecutionConfig, PipelineConfig, StageEntry
 from thresher.schemas.readers import discover_inputs
 from thresher.schemas.secrets import install_log_redaction, register_secret_env
 from thresher.schemas.report import render_report
-from thresher.schemas.writers import write_json_atomic, write_outputs, write_text_atomic
+from thresher.schemas.writers import new_staging, write_json_atomic, write_text_atomic
 
 
 @task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
@@ -80,6 +81,18 @@ def shard_map_task(entry: StageEntry, state: dict, store_root: str, threads: int
     return pipeline.run_shard_map(entry, state, store_root, threads)
 
 
+@task(name="write-shard-output", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def shard_output_task(state: dict, store_root: str, staging: str, rows_per_file: int,
+                      intermediate: list[str]) -> dict[str, Any]:
+    return write_shard_parts(state, store_root, staging, rows_per_file, intermediate)
+
+
+@task(name="write-ingest-rejected", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def ingest_rejected_task(ingested: list[dict], sharding: dict, store_root: str, staging: str,
+                         rows_per_file: int) -> dict[str, Any]:
+    return write_ingest_rejected(ingested, sharding, store_root, staging, rows_per_file)
+
+
 @task(name="worker-slots", cache_policy=NO_CACHE)
 def worker_slots_task() -> int:
     """Task threads across the cluster's workers (how many tasks run at once)."""
@@ -98,12 +111,19 @@ def model_events_task() -> list[dict]:
     return model_events_everywhere()
 
 
+def _near(state: dict | None):
+    """Run a shard's task where its last view was made, when that worker is still there
+    (:mod:`thresher.flows.view_cache`); any worker may take it otherwise."""
+    worker = state.get("worker") if isinstance(state, dict) else None
+    return dask.annotate(workers=[worker], allow_other_workers=True) if worker else contextlib.nullcontext()
+
+
 def _submit(task_fn, entry: StageEntry, *args, threads: int | None = None):
     task_fn = task_fn.with_options(name=f"{entry.stage}", retries=entry.params.retries)
-    if entry.params.resources:
-        with dask.annotate(resources=dict(entry.params.resources)):
-            return task_fn.submit(entry, *args, threads=threads)
-    return task_fn.submit(entry, *args, threads=threads)
+    resources = dask.annotate(resources=dict(entry.params.resources)) if entry.params.resources \
+        else contextlib.nullcontext()
+    with resources, _near(args[0] if args else None):
+        return task_fn.submit(entry, *args, threads=threads)
 
 
 def worker_slots(config: PipelineConfig) -> int:
@@ -222,7 +242,8 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
             states = [*states, *({**s, "index": len(states) + i} for i, s in enumerate(made))]
         elif kind == "global":
             map_keys = None
-            if stage_class(entry.stage).maps_shards:  # its per-shard step runs on every shard first
+            cls = stage_class(entry.stage)
+            if cls.maps_shards or cls.reads is not None:  # its per-shard step runs on every shard first
                 threads = stage_threads(config, entry, len(states), slots)
                 map_keys = _progress([_submit(shard_map_task, entry, s, store_root, threads=threads) for s in states],
                                      f"{entry.stage} (per shard)", show_progress)
@@ -241,15 +262,22 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     uses_models = any(stage_models(entry) for entry in config.stages)
     model_events = model_events_task.submit().result() if uses_models else []
 
-    store = Store(store_root)
-    kept = pipeline.collect_output(states, store)
-    every_row = pipeline.all_rows(states, store)  # read once: rejected and replaced rows are looked up in it
-    rejected = pipeline.collect_rejected(ingested, sharding, states, store, every_row)
-    replaced = pipeline.collect_replaced(states, store, every_row)
     out = Path(config.out)
-    files = write_outputs(out, kept, rejected, replaced, config.output.rows_per_file)
-    manifest = build_manifest(config, ingested, sharding, stage_runs, kept, rejected, replaced, files,
+    out.mkdir(parents=True, exist_ok=True)
+    staging = new_staging(out)  # every part is written here, by the worker holding its shard, then swapped in
+    rows_per_file = config.output.rows_per_file
+    hidden = sorted({c for e in config.stages for c in stage_class(e.stage).intermediate} - set(config.output.keep_columns))
+    ingest_part = ingest_rejected_task.submit(ingested, sharding, store_root, str(staging), rows_per_file)
+    parts = []
+    for state in states:
+        with _near(state):
+            parts.append(shard_output_task.submit(state, store_root, str(staging), rows_per_file, hidden))
+    parts = _progress(parts, "output", show_progress)
+    files, totals = finish_output(out, staging, parts, ingest_part.result(), rows_per_file)
+    kept, rejected = summary_tables(out)
+    manifest = build_manifest(config, ingested, sharding, stage_runs, totals, kept, rejected, files,
                               seconds=time.perf_counter() - started)
+    del kept, rejected
     manifest["model_lifecycle"] = model_events
     write_json_atomic(out / "manifest.json", manifest)
     report = render_report(manifest, out)

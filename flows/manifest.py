@@ -111,27 +111,28 @@ def build_manifest(
     ingested: list[dict],
     sharding: dict,
     stage_runs: list[list[dict]],
+    totals: dict[str, Any],
     kept: pa.Table,
     rejected: pa.Table,
-    replaced: pa.Table,
     files: dict[str, list[str]],
     seconds: float,
 ) -> dict[str, Any]:
+    """The manifest of a finished run. ``totals``: the output's counts, summed over its parts
+    (:func:`thresher.flows.output_parts.finish_output`); ``kept`` and ``rejected``: the output's
+    narrow columns (no text, no wide arrays), for the stages' summaries."""
     n_input = sum(i["records"] + i["rejected"] for i in ingested)
     stages = _stage_counts(config, stage_runs)
-    by_reason = Counter(rejected["reason"].to_pylist())
-    by_stage = Counter(rejected["stage"].to_pylist())
     counts = {
         "input": n_input,
         "created": sum(s["created"] for s in stages),
-        "output": kept.num_rows,
-        "rejected": rejected.num_rows,
-        "replaced": replaced.num_rows,
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "rejected_by_stage": dict(by_stage),
+        "output": totals["output"],
+        "rejected": totals["rejected"],
+        "replaced": totals["replaced"],
+        "rejected_by_reason": dict(sorted(totals["rejected_by_reason"].items())),
+        "rejected_by_stage": totals["rejected_by_stage"],
         "created_by_stage": {s["stage"]: s["created"] for s in stages if s["created"]},
-        "replaced_by_stage": dict(Counter(replaced["replaced_by"].to_pylist())),
-        "groups_output": len(set(kept["group_id"].to_pylist())),
+        "replaced_by_stage": totals["replaced_by_stage"],
+        "groups_output": totals["groups_output"],
     }
     reconcile(counts, stages)
     return {

@@ -23,16 +23,12 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from thresher.flows import view_cache
 from thresher.flows.registry import build_stage
-from thresher.flows.sharding import SHARDING_STAGE, _raw
-from thresher.flows.stage import conform_rejected
 from thresher.flows.store import Store, digest
 from thresher.flows.threads import cpu_threads
 from thresher.schemas.config import StageEntry
-from thresher.schemas.readers import INGEST_STAGE
-from thresher.schemas.records import (
-    RECORD_SCHEMA, REJECTED_SCHEMA, REJECTION_FIELDS, conform, records_table, rejected_table,
-)
+from thresher.schemas.records import RECORD_SCHEMA, conform, records_table
 
 
 # --------------------------------------------------------------------------- views
@@ -102,13 +98,42 @@ def apply_layer(rows: pa.Table, layer: dict[str, pa.Table | None],
 
 
 def shard_view(state: dict[str, Any], store: Store) -> pa.Table:
-    """The shard's surviving rows (read and created) with every attribute written so far."""
-    rows = base_rows(state, store)
+    """The shard's surviving rows (read and created) with every attribute written so far.
+
+    Starts from the deepest view this worker process still holds for the shard
+    (:mod:`thresher.flows.view_cache`), else from its base rows, applies the layers after
+    it, and keeps the result for the shard's next stage.
+    """
+    layers = state["layers"]
+    keys = _view_keys(state)
+    depth, rows = view_cache.deepest(keys) if keys else (0, None)
+    if rows is None:
+        rows = base_rows(state, store)
     owned = state.get("global_layers", {})  # a global layer's key -> whether this shard is the last
-    for stage, key in state["layers"]:
+    for stage, key in layers[depth:]:
         unplaced = "all" if key not in owned else "parentless" if owned[key] else "none"
         rows = apply_layer(rows, _layer_tables(stage, key, store), unplaced)
+    if keys and depth < len(keys):
+        view_cache.remember(shard_name(state), keys[-1], rows)
     return rows
+
+
+def shard_name(state: dict[str, Any]) -> str:
+    """What names a shard across its stages: its index and where it began (its base rows or source task)."""
+    return f"{state['index']}:{state['base'] or state['layers'][0][1]}"
+
+
+def _view_keys(state: dict[str, Any]) -> list[str] | None:
+    """The lineage key after each of the state's layers (None for a state from before they were kept)."""
+    keys = list(state.get("keys") or ())
+    return keys if len(keys) == len(state["layers"]) else None
+
+
+def _extend(state: dict[str, Any], stage: str, layer: str, key: str, **more: Any) -> dict[str, Any]:
+    """``state`` after one more layer: its new lineage key, the layer, and the key it ends at."""
+    keys = _view_keys(state)
+    return {**state, "key": key, "layers": [*state["layers"], [stage, layer]],
+            "keys": [*keys, key] if keys is not None else None, **more}
 
 
 def _layer_key(previous: str, identity: dict[str, Any]) -> str:
@@ -178,7 +203,8 @@ def run_source_task(entry: StageEntry, task: dict[str, Any], store_root: str,
     else:
         run = _run_stage(stage, None, store, key, task=source_task, threads=threads)
     out = run["created"] - run["rejected"]
-    return {"index": task["index"], "key": key, "base": None, "layers": [[stage.name, key]], "rows": out, "run": run}
+    return {"index": task["index"], "key": key, "base": None, "layers": [[stage.name, key]], "keys": [key],
+            "rows": out, "run": run, "worker": _worker_address()}
 
 
 def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str,
@@ -191,7 +217,9 @@ def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str,
         run = {**store.read_info(stage.name, key), "cached": True}
     else:
         run = _run_stage(stage, shard_view(state, store), store, key, threads=threads)
-    return {**state, "key": key, "layers": [*state["layers"], [stage.name, key]], "run": run}
+    after = _extend(state, stage.name, key, key, run=run, worker=_worker_address())
+    shard_view(after, store)  # one layer onto the view just used: the shard's next stage starts from it here
+    return after
 
 
 def _map_name(stage) -> str:
@@ -199,7 +227,11 @@ def _map_name(stage) -> str:
 
 
 def run_shard_map(entry: StageEntry, state: dict[str, Any], store_root: str, threads: int | None = None) -> str:
-    """A global stage's per-shard step on one shard (or its finished result); returns its key."""
+    """A global stage's per-shard step on one shard (or its finished result); returns its key.
+
+    The step is the stage's :meth:`~thresher.flows.stage.Stage.map_shard` (``maps_shards``), or
+    else the columns it declares it reads (``reads``): either way the global task gets narrow tables,
+    made on the workers that hold the shards' views."""
     store = Store(store_root)
     stage = build_stage(entry)
     key = _layer_key(state["key"], {**stage.identity(), "step": "map"})
@@ -208,7 +240,7 @@ def run_shard_map(entry: StageEntry, state: dict[str, Any], store_root: str, thr
         stage.check_columns(rows)
         started = time.perf_counter()
         with cpu_threads(threads):
-            table = stage.map_shard(rows)
+            table = stage.map_shard(rows) if stage.maps_shards else rows.select(["row_id", *stage.reads])
         if table.num_rows != rows.num_rows:
             raise ValueError(f"stage '{stage.name}': its per-shard step gave {table.num_rows} rows for {rows.num_rows}")
         store.write(_map_name(stage), key, {"map": table},
@@ -235,83 +267,6 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         views = [narrow(shard_view(s, store)) for s in states]
         rows = pa.concat_tables(views, promote_options="default") if views else narrow(records_table([]))
         run = _run_stage(stage, rows, store, key, threads=threads)
-    return [
-        {**s, "key": digest([s["key"], key]), "layers": [*s["layers"], [stage.name, key]], "run": run,
-         "global_layers": {**s.get("global_layers", {}), key: i == len(states) - 1}}
-        for i, s in enumerate(states)
-    ]
-
-
-# --------------------------------------------------------------------------- collecting results
-
-
-def _layers(states: list[dict]) -> list[tuple[str, str]]:
-    """Every (stage, key) layer of the run, once each, in the order first met."""
-    return list(dict.fromkeys((stage, key) for state in states for stage, key in state["layers"]))
-
-
-def all_rows(states: list[dict], store: Store) -> pa.Table:
-    """Every row the run had at some point: the shards' base rows and every stage's created rows."""
-    parts = [base_rows(s, store) for s in states if s["base"] is not None]
-    for stage, key in _layers(states):
-        created = store.read_table(stage, key, "created")
-        if created is not None and created.num_rows:
-            parts.append(conform(created, RECORD_SCHEMA))
-    return pa.concat_tables(parts) if parts else records_table([])
-
-
-def _rows_named(corpus: pa.Table, ids: pa.Table) -> pa.Table:
-    """The rows of ``corpus`` whose ``row_id`` ``ids`` lists, in that order."""
-    return corpus.take(pc.index_in(ids["row_id"], value_set=corpus["row_id"]))
-
-
-def collect_rejected(ingested: list[dict], sharding: dict, states: list[dict], store: Store,
-                     corpus: pa.Table | None = None) -> pa.Table:
-    """Every rejected row of the run: its source, row, stage, rejection columns and raw text.
-
-    ``corpus``: :func:`all_rows` of the run, when the caller already has it."""
-    parts = [store.read_table(INGEST_STAGE, i["key"], "rejected") for i in sorted(ingested, key=lambda x: x["path"])]
-    if sharding.get("key"):
-        parts.append(store.read_table(SHARDING_STAGE, sharding["key"], "rejected"))
-    corpus = all_rows(states, store) if corpus is None else corpus
-    for stage, key in _layers(states):
-        table = store.read_table(stage, key, "rejected")
-        if table is None or not table.num_rows:
-            continue
-        table = conform_rejected(table)
-        base = _rows_named(corpus, table)
-        parts.append(pa.table({
-            "row_id": table["row_id"],
-            "source": base["source"],
-            "source_row": base["source_row"],
-            "candidate": base["candidate"],
-            "stage": pa.array([stage] * table.num_rows, pa.string()),
-            **{f.name: table[f.name] for f in REJECTION_FIELDS},
-            "raw": pa.array([_raw(m) for m in base["messages"].to_pylist()], pa.string()),
-        }, schema=REJECTED_SCHEMA))
-    parts = [conform(p, REJECTED_SCHEMA) for p in parts if p is not None]  # conform: results stored by older versions
-    return pa.concat_tables(parts) if parts else rejected_table([])
-
-
-def collect_replaced(states: list[dict], store: Store, corpus: pa.Table | None = None) -> pa.Table:
-    """Every row a stage replaced with a row it created (the new row names it in ``parent_row_id``),
-    as it was, with the replacing stage in ``replaced_by``. ``corpus``: as for :func:`collect_rejected`."""
-    corpus = all_rows(states, store) if corpus is None else corpus
-    parts = []
-    for stage, key in _layers(states):
-        table = store.read_table(stage, key, "replaced")
-        if table is None or not table.num_rows:
-            continue
-        rows = _rows_named(corpus, table)
-        parts.append(rows.append_column("replaced_by", pa.array([stage] * rows.num_rows, pa.string())))
-    return pa.concat_tables(parts) if parts else replaced_table()
-
-
-def replaced_table() -> pa.Table:
-    return records_table([]).append_column("replaced_by", pa.array([], pa.string()))
-
-
-def collect_output(states: list[dict], store: Store) -> pa.Table:
-    """The surviving rows of every shard, in shard order, with all attributes."""
-    views = [shard_view(s, store) for s in states]
-    return pa.concat_tables(views, promote_options="default") if views else records_table([])
+    return [_extend(s, stage.name, key, digest([s["key"], key]), run=run,
+                    global_layers={**s.get("global_layers", {}), key: i == len(states) - 1})
+            for i, s in enumerate(states)]

@@ -181,6 +181,9 @@ class Stage(ABC):
     #: a global stage with a per-shard step: :meth:`map_shard` runs on every shard (in parallel, on
     #: the workers) and :meth:`process` gets the concatenation of its small tables, never whole rows
     maps_shards: ClassVar[bool] = False
+    #: wide columns the stage writes for later stages (embeddings): left out of ``attributes/``
+    #: unless the config's ``output.keep_columns`` names them
+    intermediate: ClassVar[tuple[str, ...]] = ()
 
     def map_shard(self, rows: pa.Table) -> pa.Table:
         """A global stage's per-shard step (when ``maps_shards``): one row per input row, keyed by

@@ -87,6 +87,10 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rows_per_file: int = Field(50_000, ge=1, description="rows per output Parquet file")
+    keep_columns: list[str] = Field(
+        default_factory=list,
+        description="intermediate wide columns to keep in attributes/ (e.g. deita_embedding): a stage writes "
+                    "them for a later stage, and they are left out of the output unless named here")
 
 
 class StageEntry(BaseModel):

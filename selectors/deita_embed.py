@@ -113,6 +113,7 @@ class DeitaEmbedStage(Stage):
     kind = "shard"
     Params = DeitaEmbedParams
     provides = tuple(EMBED_SCHEMA.names[1:])
+    intermediate = ("deita_embedding",)  # for deita_filter / semantic_dedup; output.keep_columns keeps it
 
     def model_config(self) -> ModelConfig:
         """The embedder's config, its context capped at ``max_tokens`` (first tokens kept)."""
@@ -172,9 +173,8 @@ class DeitaEmbedStage(Stage):
     def summarize(self, kept: pa.Table, rejected: pa.Table) -> dict[str, Any]:
         if "deita_embedder" not in kept.column_names:
             return {}
-        dims = {len(v) for v in kept["deita_embedding"].to_pylist() if v is not None}
-        return {
-            "embedder": sorted({v for v in kept["deita_embedder"].to_pylist() if v}),
-            "dimensions": sorted(dims),
-            "format": self.params.format,
-        }
+        summary = {"embedder": sorted({v for v in kept["deita_embedder"].to_pylist() if v}),
+                   "format": self.params.format}
+        if "deita_embedding" in kept.column_names:  # the summary of a run's output never holds it
+            summary["dimensions"] = sorted({len(v) for v in kept["deita_embedding"].to_pylist() if v is not None})
+        return summary

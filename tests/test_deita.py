@@ -420,6 +420,7 @@ def test_deita_pipeline_writes_the_budgeted_selection_with_attributes_and_report
     config = parse_config({
         "name": "deita-test", "inputs": [str(tmp_path / "code.json"), str(tmp_path / "chats.json")],
         "out": str(tmp_path / "out"), "shard_rows": 6, "execution": {"workers": 1},
+        "output": {"keep_columns": ["deita_embedding"]},  # an intermediate column, kept on request
         "stages": [
             {"stage": "validate"},
             {"stage": "deita_complexity", **scorer},

@@ -216,7 +216,8 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     counts = manifest["counts"]
     assert counts["input"] == 175 and counts["output"] + counts["rejected"] == 175
     attributes = pq.read_table(out / "attributes").to_pylist()
-    assert len(attributes) == counts["output"] and all(len(a["deita_embedding"]) == 384 for a in attributes)
+    assert len(attributes) == counts["output"] and all(a["deita_embedder"] for a in attributes)
+    assert "deita_embedding" not in attributes[0]  # an intermediate wide column: only with output.keep_columns
     assert all(a["deita_max_similarity"] is None or a["deita_max_similarity"] <= 0.9 for a in attributes)
     assert manifest["summaries"]["deita_filter"]["order_by"] == "corpus order"
 

@@ -6,12 +6,14 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from thresher.filters.exact_dedup import ExactDedupStage
 from thresher.filters.validate import ValidateParams, ValidateStage
 from thresher.flows.ingest import ingest_file
-from thresher.flows.pipeline import collect_rejected, run_global_stage
+from thresher.flows.output_parts import write_shard_parts
+from thresher.flows.pipeline import run_global_stage, run_shard_map
 from thresher.flows.sharding import _pack_groups, make_shards, plan_shards
 from thresher.flows.stage import STAGE_REJECTED_SCHEMA, StageOutput, conform_rejected
 from thresher.flows.store import Store
@@ -102,8 +104,9 @@ def test_groups_are_never_split(shared_data):
 # --------------------------------------------------------------------------- rejection columns
 
 
-def test_rejected_rows_reach_the_output_with_typed_columns(tmp_path, shared_data):
-    """exact_dedup's kept row travels to OUT/rejected with the row's canonical columns."""
+def test_rejected_rows_reach_the_output_with_typed_columns_each_part_from_its_shard(tmp_path, shared_data):
+    """exact_dedup gets only the columns it declares, made shard by shard; its kept row travels to
+    OUT/rejected with the row's canonical columns; each shard's parts hold that shard's rows only."""
     store_root = str(tmp_path / "store")
     path = shared_data / "codealpaca" / "code_alpaca_2k.json"
     twice = tmp_path / "twice.json"  # the first 5 rows, then the first 3 again under another source name
@@ -111,15 +114,26 @@ def test_rejected_rows_reach_the_output_with_typed_columns(tmp_path, shared_data
     twice.write_text(json.dumps(rows))
     (tmp_path / "again.json").write_text(json.dumps(rows[:3]))
     ingested = [ingest_file(str(p), IngestConfig(), store_root) for p in (twice, tmp_path / "again.json")]
-    sharding = make_shards(ingested, 100, store_root)
-    states = run_global_stage(StageEntry(stage="exact_dedup", params=ExactDedupStage.Params()),
-                              sharding["shards"], store_root)
-    rejected = collect_rejected(ingested, sharding, states, Store(store_root))
-    assert states[0]["run"]["columns"] == ["row_id", "content_id"]  # what it declares, never whole rows
+    sharding = make_shards(ingested, 4, store_root)  # 8 rows: two shards
+    entry = StageEntry(stage="exact_dedup", params=ExactDedupStage.Params())
+    map_keys = [run_shard_map(entry, s, store_root) for s in sharding["shards"]]
+    states = run_global_stage(entry, sharding["shards"], store_root, map_keys=map_keys)
+    assert len(states) == 2 and states[0]["run"]["columns"] == ["row_id", "content_id"]  # never whole rows
+    staging = tmp_path / "staging"
+    parts = [write_shard_parts(s, store_root, str(staging), 100, []) for s in states]
+    store = Store(store_root)
+    for state, part in zip(states, parts):
+        stem = f"part-{state['index']:05d}.parquet"
+        base = set(store.read_table("shards", state["base"], "records")["row_id"].to_pylist())
+        kept = pq.read_table(staging / "data" / stem)["row_id"].to_pylist()
+        assert pq.read_table(staging / "attributes" / stem)["row_id"].to_pylist() == kept
+        gone = pq.read_table(staging / "rejected" / stem)["row_id"].to_pylist() if part["files"]["rejected"] else []
+        assert sorted(kept + gone) == sorted(base) and part["output"] == len(kept)  # this shard's rows, once each
+    rejected = pq.read_table(sorted((staging / "rejected").glob("*.parquet")))
     assert rejected.schema == REJECTED_SCHEMA
     got = rejected.to_pylist()
     assert [r["reason"] for r in got] == ["exact_duplicate"] * 3
-    base = Store(store_root).read_table("shards", sharding["shards"][0]["base"], "records").to_pylist()
+    base = pa.concat_tables([store.read_table("shards", s["base"], "records") for s in states]).to_pylist()
     kept_of = {r["content_id"]: r["row_id"] for r in base if r["source"].endswith("/again.json")}
     for r in got:
         assert r["source"].endswith("/twice.json") and r["code"] is None and r["value"] is None
