@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 FOLDER = "report"
 MAX_ATTRIBUTES = 12  #: numeric attribute columns plotted, in schema order
 MAX_VALUES = 200_000  #: values sampled per figure (all of them below that)
-MAX_SERIES = 8  #: series per figure; the smallest sources or models beyond are drawn as one "other"
+MAX_SERIES = 10  #: series per figure (one color each); the smallest sources or models beyond are drawn as one "other"
 #: per-model scores: (attribute column, the stage that selects on it and rejects with the score in ``value``)
 MODEL_SCORES = (("grape_logprob_mean", "grape_select"),)
 
@@ -242,12 +242,14 @@ class _Series:
         self.values.append(values[keep])
         self.ids.append(ids[keep])
 
-    def grouped(self, noun: str) -> list[tuple[str, int, np.ndarray]]:
-        """(label, non-null rows, sampled values) per series, the largest first; the rest as one "other"."""
+    def grouped(self, noun: str, rank: dict[str, int] | None = None) -> list[tuple[str, int, np.ndarray]]:
+        """(label, non-null rows, sampled values) per series, the highest ``rank`` (e.g. a model's wins)
+        then the largest first; beyond :data:`MAX_SERIES`, the rest as one "other"."""
         values = np.concatenate(self.values) if self.values else np.zeros(0)
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
         names = {i: n for n, i in self.labels.names.items()}
-        order = sorted(self.counts, key=lambda i: (-self.counts[i], names[i]))
+        rank = rank or {}
+        order = sorted(self.counts, key=lambda i: (-rank.get(names[i], 0), -self.counts[i], names[i]))
         shown = order if len(order) <= MAX_SERIES else order[:MAX_SERIES - 1]
         series = [(names[i], self.counts[i], values[ids == i]) for i in shown]
         rest = order[len(shown):]
@@ -376,8 +378,10 @@ def _model_figure(plots: Plots, manifest: dict[str, Any], out: Path, staging: Pa
     section = stage if stage in manifest.get("summaries", {}) else "models"
 
     def draw(path: Path) -> None:
-        panels = [(s, s.grouped("model"), t) for s, t in ((seen, f"every candidate {stage} scored"),
-                                                           (kept, "rows in the output")) if s is not None and s.counts]
+        wins = {label: n for label, n, _ in kept.grouped("model")}  # the models with the most rows kept first
+        panels = [(s, s.grouped("model", wins), t) for s, t in ((seen, f"every candidate {stage} scored"),
+                                                                (kept, "rows in the output"))
+                  if s is not None and s.counts]
         bins = _bins(np.concatenate([v for _, series, _ in panels for _, _, v in series]))  # one scale for both
         colors: dict[str, str] = {}  # one color per model in both
         for _, series, _ in panels:
