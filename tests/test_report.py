@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,7 +84,7 @@ def tiny_out(tmp_path) -> tuple[Path, dict]:
     return out, manifest
 
 
-def test_plots_read_only_narrow_columns_and_replace_the_folder(tiny_out, monkeypatch):
+def test_report_figures_read_only_narrow_columns_and_replace_the_folder(tiny_out, monkeypatch):
     out, manifest = tiny_out
     (out / "report").mkdir()
     (out / "report" / "stale.png").write_bytes(PNG)  # an earlier run's figure
@@ -95,19 +96,22 @@ def test_plots_read_only_narrow_columns_and_replace_the_folder(tiny_out, monkeyp
         return real_read(self, columns=columns, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read", spy)
-    plots = report_plots.make_plots(manifest, out)
+    markdown = render_report(manifest, out)
 
     assert all(c is not None for c in read_columns)  # never a whole file
     assert {c for cols in read_columns for c in cols} == {"source", "candidate", "grape_logprob_mean", "tokens",
                                                           "constant", "empty", "stage", "value"}
-    assert sorted(f.path for f in plots.figures) == [
-        "report/attr-grape_logprob_mean.png", "report/attr-tokens.png", "report/funnel.png",
-        "report/models-grape_logprob_mean.png"]
-    assert {f.path: f.section for f in plots.figures}["report/models-grape_logprob_mean.png"] == "grape_select"
-    assert plots.notes_of("attributes") == ["constant: not plotted (constant 0.5)", "empty: not plotted (no values)"]
-    assert sorted(p.name for p in (out / "report").iterdir()) == sorted(Path(f.path).name for f in plots.figures)
-    assert all((out / f.path).read_bytes().startswith(PNG) for f in plots.figures)
+    figures = re.findall(r"!\[[^\]]*\]\((report/[^)]+)\)", markdown)
+    assert sorted(figures) == ["report/attr-grape_logprob_mean.png", "report/attr-tokens.png", "report/funnel.png",
+                               "report/models-grape_logprob_mean.png"]
+    assert sorted(p.name for p in (out / "report").iterdir()) == sorted(Path(f).name for f in figures)  # no stale.png
+    assert all((out / f).read_bytes().startswith(PNG) for f in figures)
     assert not [p for p in out.iterdir() if p.name.startswith(".report")]  # no staging folder left
+    assert markdown.index("report/funnel.png") < markdown.index("## Rejected rows by reason")
+    attributes = markdown[markdown.index("## Attributes by source"):markdown.index("## Stages")]
+    assert "report/attr-tokens.png" in attributes
+    assert "- constant: not plotted (constant 0.5)\n- empty: not plotted (no values)\n" in attributes
+    assert markdown.index("### grape_select") < markdown.index("report/models-grape_logprob_mean.png")
 
     per, left_out = report_plots.attribute_samples(out)
     assert left_out == [] and list(per) == ["grape_logprob_mean", "tokens", "constant", "empty"]
@@ -120,14 +124,8 @@ def test_plots_read_only_narrow_columns_and_replace_the_folder(tiny_out, monkeyp
     assert seen_models["m1"] == pytest.approx([-5.0, -3.0, -1.7, -1.5, -1.1])  # + its rejections; not near_dedup's
     assert seen_models["m2"] == pytest.approx([-4.0, -1.8, -1.4, -1.2])
 
-    markdown = render_report(manifest, out)
-    for f in plots.figures:
-        assert f"]({f.path})" in markdown
-    assert markdown.index("report/funnel.png") < markdown.index("## Rejected rows by reason")
-    assert markdown.index("### grape_select") < markdown.index("report/models-grape_logprob_mean.png")
 
-
-def test_plots_of_an_output_without_rows_or_attributes(tiny_out, monkeypatch):
+def test_plots_of_an_output_without_rows_or_attributes(tiny_out):
     out, manifest = tiny_out
     for folder in ("data", "attributes"):
         for part in (out / folder).iterdir():
