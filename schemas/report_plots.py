@@ -74,9 +74,10 @@ def make_plots(manifest: dict[str, Any], out: Path) -> Plots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. a glyph a source name uses and the font lacks
             _draw(plots, staging, "funnel", "rows per stage", "funnel.png", lambda p: _funnel(manifest, p))
-            _attribute_figures(plots, out, staging)
+            _guarded(plots, "attributes", "attribute histograms", lambda: _attribute_figures(plots, out, staging))
             for score, stage in MODEL_SCORES:
-                _model_figure(plots, manifest, out, staging, score, stage)
+                _guarded(plots, stage, f"{score} per model",
+                         lambda: _model_figure(plots, manifest, out, staging, score, stage))
         target = out / FOLDER
         old = out / f".{FOLDER}-old-{uuid.uuid4().hex[:8]}"
         if target.exists():
@@ -88,14 +89,19 @@ def make_plots(manifest: dict[str, Any], out: Path) -> Plots:
     return plots
 
 
-def _draw(plots: Plots, staging: Path, section: str, title: str, name: str, draw: Callable[[Path], None]) -> None:
-    """One figure; a figure that fails is a note in the report, not a failed run (its data is all written)."""
+def _guarded(plots: Plots, section: str, what: str, make: Callable[[], None]) -> None:
+    """Figures that fail are a note in the report, not a failed run (the data is all written by now)."""
     try:
-        draw(staging / name)
+        make()
     except Exception as err:  # noqa: BLE001 - reported in the report itself
-        plots.notes.append((section, f"{title}: not drawn ({type(err).__name__}: {err})"))
-        return
-    plots.figures.append(Figure(section, title, f"{FOLDER}/{name}"))
+        plots.notes.append((section, f"{what}: not drawn ({type(err).__name__}: {err})"))
+
+
+def _draw(plots: Plots, staging: Path, section: str, title: str, name: str, draw: Callable[[Path], None]) -> None:
+    """One figure, written to ``staging/name``; a failure is a note (:func:`_guarded`)."""
+    _guarded(plots, section, title, lambda: draw(staging / name))
+    if (staging / name).is_file():
+        plots.figures.append(Figure(section, title, f"{FOLDER}/{name}"))
 
 
 def _new_figure(width: float, height: float, left: float = 0.8, bottom: float = 0.55, top: float = 0.35,
