@@ -177,6 +177,16 @@ def _take_rows(files: list[_IngestedRows], starts: np.ndarray, positions: np.nda
     return pa.concat_tables(pieces).take(pa.array(local + offset[owner], pa.int64()))
 
 
+def _row_bytes(paths: list[Path]) -> np.ndarray:
+    """Each row's :func:`messages_json_bytes`, the files end to end, read a batch at a time."""
+    sizes = [np.zeros(0, np.int64)]
+    for path in paths:
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=4096, columns=["messages"]):
+                sizes.append(messages_json_bytes(batch.column(0)))
+    return np.concatenate(sizes)
+
+
 def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
                 min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
     """Split the ingested corpus into shards of at most ``shard_rows`` rows, groups kept whole.
@@ -206,11 +216,7 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     starts = np.concatenate([[0], np.cumsum([t.num_rows for t in narrow], dtype=np.int64)])
     corpus = pa.concat_tables(narrow) if narrow else records_table([]).select(["row_id", "group_id"])
     del narrow
-    row_bytes = None
-    if shard_bytes is not None:
-        row_bytes = np.concatenate([np.zeros(0, np.int64)] + [
-            messages_json_bytes(batch.column(0))
-            for p in paths for batch in pq.ParquetFile(p).iter_batches(columns=["messages"])])
+    row_bytes = _row_bytes(paths) if shard_bytes is not None else None
 
     # the first row of each row_id is kept, later ones are duplicates
     ids = corpus["row_id"].cast(pa.large_string()).combine_chunks() if corpus.num_rows else pa.array([], pa.string())
