@@ -73,6 +73,7 @@ class MagpieDedupStage(Stage):
     name = "magpie_dedup"
     version = "1"
     kind = "global"
+    reads = ("messages",)  # the first user turn, from each row's conversation
     Params = MagpieDedupParams
     provides = ("min_neighbor_distance", "repeat_count")
 

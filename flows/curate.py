@@ -39,7 +39,7 @@ from thresher.flows.preflight import preflight
 from thresher.flows.model_lifecycle import (
     model_events_everywhere, model_keys, release_models_everywhere, stage_models,
 )
-from thresher.flows.registry import load_config, parse_config, source_entries, stage_class
+from thresher.flows.registry import build_stage, load_config, parse_config, source_entries, stage_class
 from thresher.flows.output_parts import finish_output, summary_tables, write_ingest_rejected, write_shard_parts
 from thresher.flows.threads import task_threads
 from thresher.generators.registry import MEMORY_BUDGET_ENV
@@ -56,8 +56,9 @@ def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1) -> dict[str, Any]:
-    return make_shards(ingested, shard_rows, store_root, min_shards)
+def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1,
+               shard_bytes: int | None = None) -> dict[str, Any]:
+    return make_shards(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
 
 
 @task(name="source", cache_policy=NO_CACHE, retry_delay_seconds=1)
@@ -227,7 +228,8 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     ingested = _progress(ingest_futures, "ingest", show_progress)
     slots = worker_slots(config)
     min_shards = slots if config.execution.fill_cores else 1
-    sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards).result()
+    sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards,
+                                 shard_bytes=config.shard_bytes).result()
     states = sharding["shards"]
 
     stage_runs: list[list[dict]] = []
@@ -242,8 +244,8 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
             states = [*states, *({**s, "index": len(states) + i} for i, s in enumerate(made))]
         elif kind == "global":
             map_keys = None
-            cls = stage_class(entry.stage)
-            if cls.maps_shards or cls.reads is not None:  # its per-shard step runs on every shard first
+            stage = build_stage(entry)
+            if stage.maps_shards or stage.reads is not None:  # its per-shard step runs on every shard first
                 threads = stage_threads(config, entry, len(states), slots)
                 map_keys = _progress([_submit(shard_map_task, entry, s, store_root, threads=threads) for s in states],
                                      f"{entry.stage} (per shard)", show_progress)

@@ -144,6 +144,7 @@ def build_manifest(
             for i in sorted(ingested, key=lambda x: x["path"])
         ],
         "shards": {"count": len(sharding["shards"]), "shard_rows": config.shard_rows,
+                   "shard_bytes": config.shard_bytes,
                    "cached": bool(sharding.get("cached"))},
         "stages": stages,
         "summaries": _summaries(config, kept, rejected),

@@ -222,6 +222,14 @@ def run_shard_stage(entry: StageEntry, state: dict[str, Any], store_root: str,
     return after
 
 
+def narrowed(stage, rows: pa.Table) -> pa.Table:
+    """``row_id`` and the columns ``stage`` declares it reads (all of ``rows`` when it declares none);
+    a declared column the rows lack is left to the stage to report."""
+    if stage.reads is None:
+        return rows
+    return rows.select(["row_id", *dict.fromkeys(c for c in stage.reads if c in rows.column_names and c != "row_id")])
+
+
 def _map_name(stage) -> str:
     return f"{stage.name}.map"
 
@@ -240,7 +248,7 @@ def run_shard_map(entry: StageEntry, state: dict[str, Any], store_root: str, thr
         stage.check_columns(rows)
         started = time.perf_counter()
         with cpu_threads(threads):
-            table = stage.map_shard(rows) if stage.maps_shards else rows.select(["row_id", *stage.reads])
+            table = stage.map_shard(rows) if stage.maps_shards else narrowed(stage, rows)
         if table.num_rows != rows.num_rows:
             raise ValueError(f"stage '{stage.name}': its per-shard step gave {table.num_rows} rows for {rows.num_rows}")
         store.write(_map_name(stage), key, {"map": table},
@@ -263,9 +271,8 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         run = _run_stage(stage, rows, store, key, threads=threads, check=False)
     else:
         # only the columns the stage declares, shard by shard: the corpus it holds stays narrow
-        narrow = (lambda t: t) if stage.reads is None else (lambda t: t.select(["row_id", *stage.reads]))
-        views = [narrow(shard_view(s, store)) for s in states]
-        rows = pa.concat_tables(views, promote_options="default") if views else narrow(records_table([]))
+        views = [narrowed(stage, shard_view(s, store)) for s in states]
+        rows = pa.concat_tables(views, promote_options="default") if views else narrowed(stage, records_table([]))
         run = _run_stage(stage, rows, store, key, threads=threads)
     return [_extend(s, stage.name, key, digest([s["key"], key]), run=run,
                     global_layers={**s.get("global_layers", {}), key: i == len(states) - 1})

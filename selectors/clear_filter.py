@@ -76,6 +76,7 @@ class ClearFilterStage(Stage):
     kind = "global"
     Params = ClearFilterParams
     requires = ("clear_confidence",)
+    reads = ("clear_confidence",)
     provides = ("clear_gamma",)
 
     def process(self, rows: pa.Table) -> StageOutput:

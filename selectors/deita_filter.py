@@ -101,6 +101,13 @@ class DeitaFilterStage(Stage):
     Params = DeitaFilterParams
     provides = ("deita_rank", "deita_max_similarity")
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The embedding and score columns, and the scorers' and embedder's failure columns."""
+        p: DeitaFilterParams = self.params
+        return tuple(c for c in (p.embedding, p.order_by, "deita_failure", "deita_failure_detail",
+                                 "deita_embedding_failure") if c)
+
     def check_columns(self, rows: pa.Table) -> None:
         p: DeitaFilterParams = self.params
         for column, stage in ((p.order_by, "deita_score"), (p.embedding, "deita_embed")):

@@ -107,6 +107,12 @@ class GrapeSelectStage(Stage):
     Params = GrapeSelectParams
     requires = (SCORE,)
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Groups, model labels and scores; the correctness column (or ``meta``, where it may be a field)."""
+        p: GrapeSelectParams = self.params
+        return ("group_id", "candidate", "source", SCORE, *((p.correct_column, "meta") if p.correct_column else ()))
+
     def process(self, rows: pa.Table) -> StageOutput:
         p: GrapeSelectParams = self.params
         row_ids = rows["row_id"].to_pylist()

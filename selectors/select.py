@@ -82,6 +82,13 @@ class SelectStage(Stage):
     kind = "global"
     Params = SelectParams
 
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The columns its conditions, its argmax and its ranking name, and the groups."""
+        p: SelectParams = self.params
+        named = [parse_condition(c)[0] for c in p.where] + [p.argmax_per_group, p.order_by]
+        return ("group_id", *dict.fromkeys(c for c in named if c))
+
     def process(self, rows: pa.Table) -> StageOutput:
         p: SelectParams = self.params
         row_ids = rows["row_id"].to_pylist()
