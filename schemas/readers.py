@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from thresher.schemas import formats as F
-from thresher.schemas.records import make_record, make_rejected
+from thresher.schemas.records import make_record, make_rejected, with_occurrence
 
 READER_VERSION = "1"
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
@@ -109,7 +109,11 @@ def source_name(path: Path) -> str:
 
 def _has_lone_surrogate(value: Any) -> bool:
     if isinstance(value, str):
-        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+        try:  # only a lone surrogate (a byte that was not UTF-8, read back) fails to encode
+            value.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
     if isinstance(value, dict):
         return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
     if isinstance(value, list):
@@ -288,7 +292,7 @@ class _FileReader:
         if not isinstance(raw.value, dict):
             self._reject(raw, out, F.REASON_NOT_AN_OBJECT, f"row is a JSON {type(raw.value).__name__}, not an object")
             return size
-        if _has_lone_surrogate(raw.value):
+        if (raw.raw is None or "\\u" in raw.raw) and _has_lone_surrogate(raw.value):  # only a \\u escape makes one in JSON text
             self._reject(raw, out, F.REASON_INVALID_UTF8, "text holds bytes that are not valid UTF-8")
             return size
         if self.format is None:
@@ -314,7 +318,7 @@ class _FileReader:
             occurrence = self.occurrences.get(key, 0)
             self.occurrences[key] = occurrence + 1
             if occurrence:
-                record = make_record(item.messages, self.source, raw.index, occurrence, item.candidate, item.meta)
+                record = with_occurrence(record, occurrence)
             out.records.append(record)
         return size
 

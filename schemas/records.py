@@ -150,11 +150,15 @@ def make_record(
     candidate: str | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One canonical record (a dict matching :data:`RECORD_SCHEMA`)."""
+    """One canonical record (a dict matching :data:`RECORD_SCHEMA`); its ids are those of
+    :func:`row_id`, :func:`group_id` and :func:`content_id`, each turn normalized once."""
+    turns = [[m["role"], normalize_text(m["content"])] for m in messages]
+    prompt_turns = turns[:-1] if messages and messages[-1]["role"] == "assistant" else turns  # prompt_messages
+    normalized = json.dumps(turns, ensure_ascii=False)
     return {
-        "row_id": row_id(messages, source, occurrence),
-        "group_id": group_id(messages),
-        "content_id": content_id(messages),
+        "row_id": _digest("row", source, normalized, str(occurrence)),
+        "group_id": _digest("group", json.dumps(prompt_turns, ensure_ascii=False)),
+        "content_id": _digest("content", normalized),
         "messages": messages,
         "source": source,
         "source_row": source_row,
@@ -163,6 +167,11 @@ def make_record(
         "parent_row_id": None,
         "origin": None,
     }
+
+
+def with_occurrence(record: dict[str, Any], occurrence: int) -> dict[str, Any]:
+    """``record`` as the ``occurrence``-th exact repeat of its content in its source (a new ``row_id``)."""
+    return {**record, "row_id": row_id(record["messages"], record["source"], occurrence)}
 
 
 def _json(value: Any) -> str:
