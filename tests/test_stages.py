@@ -141,6 +141,41 @@ def test_rejected_rows_reach_the_output_with_typed_columns_each_part_from_its_sh
         assert r["kept_row_id"] == kept_of[mine["content_id"]]  # again.json sorts first: its copy is kept
 
 
+def test_a_shard_view_grows_by_one_layer_and_a_rerun_leaves_no_stale_part(tmp_path, shared_data):
+    """The view a worker keeps after a stage is the next stage's start (one layer applied, not a
+    replay) and equals the replay; a second run into the same OUT with fewer shards replaces the
+    first run's parts whole."""
+    from pathlib import Path
+
+    from thresher.flows import view_cache
+    from thresher.flows.output_parts import finish_output, write_ingest_rejected
+    from thresher.flows.pipeline import run_shard_stage, shard_view
+    from thresher.schemas.writers import new_staging
+
+    store_root = str(tmp_path / "store")
+    ingested = [ingest_file(str(shared_data / "gsm8k/test.jsonl"), IngestConfig(), store_root)]
+    out = tmp_path / "out"
+    for shard_rows, shards in ((700, 2), (2000, 1)):
+        sharding = make_shards(ingested, shard_rows, store_root)
+        view_cache.clear()
+        entry = StageEntry(stage="validate", params=ValidateParams())
+        states = [run_shard_stage(entry, s, store_root) for s in sharding["shards"]]
+        assert len(states) == shards and all(len(s["keys"]) == 1 for s in states)
+        depth, cached = view_cache.deepest(states[0]["keys"])
+        assert depth == 1  # validate's view is kept for the shard's next stage
+        view_cache.clear()
+        assert cached.equals(shard_view(states[0], Store(store_root)))  # the replay gives the same rows
+        out.mkdir(exist_ok=True)
+        staging = new_staging(out)
+        parts = [write_shard_parts(s, store_root, str(staging), 100_000, []) for s in states]
+        files, totals = finish_output(out, staging, parts, write_ingest_rejected(ingested, sharding, store_root,
+                                                                                 str(staging), 100_000), 100_000)
+        assert sorted(p.name for p in (out / "data").iterdir()) == [f"part-{i:05d}.parquet" for i in range(shards)]
+        assert totals["output"] == pq.read_table(out / "data").num_rows == sum(s["run"]["in"] - s["run"]["rejected"]
+                                                                              for s in states)
+        assert not list(Path(out).glob(".staging-*")) and not list(Path(out).glob(".old-*"))
+
+
 def test_rejected_table_refuses_unknown_keys_and_old_results_conform():
     out = StageOutput(rejected=[{"row_id": "a", "reason": "x", "kept_row": "b"}])
     with pytest.raises(KeyError, match="kept_row"):
