@@ -267,7 +267,7 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         run = {**store.read_info(stage.name, key), "cached": True}
     elif map_keys is not None:
         maps = [store.read_table(_map_name(stage), k, "map") for k in map_keys]
-        rows = pa.concat_tables(maps) if maps else pa.table({"row_id": pa.array([], pa.string())})
+        rows = pa.concat_tables(maps, promote_options="default") if maps else pa.table({"row_id": pa.array([], pa.string())})
         run = _run_stage(stage, rows, store, key, threads=threads, check=False)
     else:
         # only the columns the stage declares, shard by shard: the corpus it holds stays narrow
