@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from thresher.flows import pipeline
 from thresher.flows.ingest import ingest_file
+from thresher.flows.ingest_split import ingest_range, join_ranges, plan_ingest
 from thresher.flows.sharding import make_shards
 from thresher.flows.artifacts import publish_artifacts
 from thresher.flows.manifest import build_manifest
@@ -53,6 +54,48 @@ from thresher.schemas.writers import new_staging, write_json_atomic, write_text_
 @task(name="ingest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def ingest_task(path: str, ingest, store_root: str) -> dict[str, Any]:
     return ingest_file(path, ingest, store_root)
+
+
+@task(name="ingest-plan", cache_policy=NO_CACHE)
+def ingest_plan_task(paths: list[str], ingest, slots: int, store_root: str) -> list[dict[str, Any]]:
+    return plan_ingest(paths, ingest, slots, store_root)
+
+
+@task(name="ingest-range", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def ingest_range_task(path: str, start: int, end: int, fmt: str | None, file_key: str, ingest,
+                      store_root: str) -> dict[str, Any]:
+    return ingest_range(path, start, end, fmt, file_key, ingest, store_root)
+
+
+@task(name="ingest-join", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def ingest_join_task(path: str, ranges: list[dict], file_key: str, ingest, store_root: str) -> dict[str, Any]:
+    return join_ranges(path, ranges, file_key, ingest, store_root)
+
+
+def ingest_inputs(paths: list[str], config: PipelineConfig, slots: int, store_root: str,
+                  show_progress: bool | str) -> list[dict[str, Any]]:
+    """Every input file's ingest result: one task per file, or, when the files are fewer than the
+    worker threads, a task per byte range of a large JSONL file and one joining them
+    (:mod:`thresher.flows.ingest_split`)."""
+    if not paths:
+        return []
+    plans = ingest_plan_task.submit(paths, config.ingest, slots, store_root).result()
+    futures = []
+    for plan in plans:
+        if "ranges" in plan:
+            futures += [ingest_range_task.submit(plan["path"], start, end, fmt, plan["key"], config.ingest, store_root)
+                        for start, end, fmt in plan["ranges"]]
+        else:
+            futures.append(ingest_task.submit(plan["path"], config.ingest, store_root))
+    results = iter(_progress(futures, "ingest", show_progress))
+    done, joins = [], []
+    for plan in plans:
+        if "ranges" in plan:
+            ranges = [next(results) for _ in plan["ranges"]]
+            joins.append(ingest_join_task.submit(plan["path"], ranges, plan["key"], config.ingest, store_root))
+        else:
+            done.append(next(results))
+    return done + (_progress(joins, "ingest (joining ranges)", show_progress) if joins else [])
 
 
 @task(name="shard", cache_policy=NO_CACHE)
@@ -158,7 +201,9 @@ def _say(line: str) -> None:
 
 
 def _rows_of(result: Any) -> int:
-    """Rows a finished task handled, when its result says (shard and source tasks)."""
+    """Rows a finished task handled, when its result says (ingest, shard and source tasks)."""
+    if isinstance(result, dict) and "records" in result and "rejected" in result and "run" not in result:
+        return int(result["records"] + result["rejected"]) if not result.get("cached") else 0
     run = result.get("run") if isinstance(result, dict) else None
     return int(run.get("in", 0) + run.get("created", 0)) if isinstance(run, dict) else 0
 
@@ -224,9 +269,8 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     store_root = store_root_of(config)
     paths = [str(p) for p in discover_inputs(config.inputs)] if config.inputs else []
 
-    ingest_futures = [ingest_task.submit(p, config.ingest, store_root) for p in paths]
-    ingested = _progress(ingest_futures, "ingest", show_progress)
     slots = worker_slots(config)
+    ingested = ingest_inputs(paths, config, slots if config.execution.fill_cores else 1, store_root, show_progress)
     min_shards = slots if config.execution.fill_cores else 1
     sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards,
                                  shard_bytes=config.shard_bytes).result()

@@ -29,6 +29,14 @@ from thresher.schemas.records import (
 )
 
 
+def ingest_key(file: Path, ingest: IngestConfig) -> str:
+    """The key of a file's ingest result: its bytes, its source name, the reader and its settings."""
+    return digest({
+        "reader": READER_VERSION, "file": file_digest(file), "source": source_name(file),
+        "format": ingest.format, "max_row_bytes": ingest.max_row_bytes,
+    })
+
+
 def ingest_file(path: str, ingest: IngestConfig, store_root: str, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
     """Read one input file into canonical records + rejected rows, stored under its key.
 
@@ -37,10 +45,7 @@ def ingest_file(path: str, ingest: IngestConfig, store_root: str, batch_rows: in
     """
     store = Store(store_root)
     file = Path(path)
-    key = digest({
-        "reader": READER_VERSION, "file": file_digest(file), "source": source_name(file),
-        "format": ingest.format, "max_row_bytes": ingest.max_row_bytes,
-    })
+    key = ingest_key(file, ingest)
     if store.is_done(INGEST_STAGE, key):
         return {**store.read_info(INGEST_STAGE, key), "cached": True}
     started = time.perf_counter()

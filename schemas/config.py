@@ -55,6 +55,9 @@ class IngestConfig(BaseModel):
     on_unreadable_file: Literal["error", "skip"] = Field(
         "error", description="error: stop with a clear message; skip: record it as rejected and go on"
     )
+    split_min_bytes: int = Field(
+        32 << 20, ge=1, description="a JSONL file is read by several tasks at once (byte ranges of at least this "
+                                    "size) when the run has fewer files than worker threads; the rows are the same")
 
     @field_validator("format")
     @classmethod

@@ -134,9 +134,16 @@ def _dump(value: Any) -> str:
     return _printable(json.dumps(value, ensure_ascii=False, default=str))
 
 
-def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+def _iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[RawRecord]:
+    """The lines of a JSONL file, or of its byte range [start, end) (which starts at a line start;
+    its lines numbered from 0)."""
     with open(path, "rb") as handle:
+        handle.seek(start)
+        position = start
         for index, line in enumerate(handle):
+            if end is not None and position >= end:
+                break
+            position += len(line)
             if not line.strip():
                 continue
             try:
@@ -230,7 +237,7 @@ BATCH_ROWS = 4096
 BATCH_BYTES = 64 << 20
 
 
-class _FileReader:
+class FileReader:
     """Turns one file's raw records into canonical records and rejected entries.
 
     Holds the state that spans the whole file, whatever the batches: the format (detected
@@ -240,7 +247,7 @@ class _FileReader:
     the string's 73.
     """
 
-    def __init__(self, path: Path, fmt: str, max_row_bytes: int):
+    def __init__(self, path: Path, fmt: str, max_row_bytes: int, byte_range: tuple[int, int] | None = None):
         if fmt != "auto" and fmt not in F.FORMATS:
             raise ValueError(f"unknown format '{fmt}'; choose one of: auto, {', '.join(F.FORMATS)}")
         self.path = path
@@ -249,6 +256,7 @@ class _FileReader:
         self.max_row_bytes = max_row_bytes
         self.seen_ids: dict[str, int] = {}
         self.occurrences: dict[int, int] = {}
+        self.byte_range = byte_range  # a JSONL file's lines in [start, end) only (thresher.flows.ingest_split)
 
     def batches(self, batch_rows: int, batch_bytes: int) -> Iterator[FileResult]:
         """The file's records and rejected entries, one :class:`FileResult` per ``batch_rows``
@@ -259,7 +267,8 @@ class _FileReader:
         batch = FileResult(self.source, self.format)
         rows = size = 0
         first = True
-        for raw in iter_raw_records(self.path):
+        raws = _iter_jsonl(self.path, *self.byte_range) if self.byte_range else iter_raw_records(self.path)
+        for raw in raws:
             size += self.read(raw, batch)
             rows += 1
             if rows >= batch_rows or size >= batch_bytes:
@@ -334,12 +343,12 @@ def iter_file_batches(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_
     The rows are those :func:`read_file` gives, in the same order, whatever the batch size:
     duplicate ids and repeated content are tracked across the whole file.
     """
-    return _FileReader(path, fmt, max_row_bytes).batches(max(1, batch_rows), max(1, batch_bytes))
+    return FileReader(path, fmt, max_row_bytes).batches(max(1, batch_rows), max(1, batch_bytes))
 
 
 def read_file(path: Path, fmt: str = "auto", max_row_bytes: int = 1_000_000) -> FileResult:
     """Read one file into canonical records and rejected entries (see module doc), all at once."""
-    reader = _FileReader(path, fmt, max_row_bytes)
+    reader = FileReader(path, fmt, max_row_bytes)
     result = FileResult(reader.source, reader.format)
     for batch in reader.batches(BATCH_ROWS, BATCH_BYTES):
         result.records += batch.records

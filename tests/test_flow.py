@@ -108,9 +108,14 @@ def _rejected(out: Path) -> list[tuple]:
 
 
 def test_rerun_recomputes_nothing(tmp_path, shared_data):
-    config = _config(tmp_path, [shared_data / "gsm8k/test.jsonl"], shard_rows=300,
+    """Also: one JSONL file and two workers, so it is read in two byte ranges (the rows those give
+    are a whole read's: tests/test_ingest_split.py); a rerun finds the file's result whole."""
+    config = _config(tmp_path, [shared_data / "gsm8k/test.jsonl"], workers=2, shard_rows=700,
                      stages=[{"stage": "validate"}, {"stage": "exact_dedup"}, {"stage": "select", "budget": 100}])
+    config.ingest.split_min_bytes = 200_000
     first = execute(config, show_progress=False)
+    assert len(list((tmp_path / "t" / ".thresher" / "ingest_range").iterdir())) == 2
+    assert first["counts"]["input"] == 1319 and first["shards"]["count"] == 2
     assert all(s["computed"] > 0 and s["cached"] == 0 for s in first["stages"])
     second = execute(config, show_progress=False)
     assert all(s["computed"] == 0 and s["cached"] > 0 for s in second["stages"])
