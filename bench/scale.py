@@ -281,8 +281,8 @@ def measured(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float,
 
 # --------------------------------------------------------------------------- thresher
 
-def run_thresher(args, paths: list[str], near: bool) -> dict:
-    tag = "near" if near else "exact"
+def run_thresher(args, paths: list[str], near: bool, split: bool = True) -> dict:
+    tag = ("near" if near else "exact") + ("" if split else "-unsplit")
     out = Path(args.work) / f"out-{args.rows}-{tag}"
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -293,6 +293,8 @@ def run_thresher(args, paths: list[str], near: bool) -> dict:
                        "text": "conversation"})
     config = {"name": f"scale-{tag}", "inputs": paths, "out": str(out), "cache_dir": str(out / ".thresher"),
               "shard_rows": args.shard_rows, "execution": {"workers": args.workers}, "stages": stages}
+    if not split:  # every file read by one task, as before split ingest
+        config["ingest"] = {"split_min_bytes": 1 << 50}
     cfg_path = Path(args.work) / f"scale-{args.rows}-{tag}.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     exe = Path(sys.executable).parent / "thresher"
@@ -342,7 +344,7 @@ def run_thresher(args, paths: list[str], near: bool) -> dict:
     for role, pid, mb, cpu in s.others():
         print(f"  peak RSS: {role} pid {pid} {mb:,.0f} MB ({cpu:.0f} CPU s)")
     print(f"  peak RSS of the whole process tree at one time: {s.tree_peak / 2**20:,.0f} MB")
-    return {"label": f"thresher {'+ near_dedup' if near else '(no near_dedup)'}", "seconds": seconds,
+    return {"label": f"thresher {'+ near_dedup' if near else '(no near_dedup)'}" + ('' if split else ', files whole'), "seconds": seconds,
             "driver_mb": driver[1], "workers_mb": sum(mb for _, mb, _ in workers),
             "worker_max_mb": max((mb for _, mb, _ in workers), default=0.0), "tree_mb": s.tree_peak / 2**20,
             "out": c["output"], "near": near, "manifest": manifest, "cmd": shlex.join(cmd)}
@@ -416,6 +418,9 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--no-near-dedup", action="store_true", help="run thresher without near_dedup")
     ap.add_argument("--compare-both", action="store_true", help="run thresher with and without near_dedup")
+    ap.add_argument("--compare-split", action="store_true",
+                    help="also run thresher (no near_dedup) with every file read by one task: split ingest's gain "
+                         "(it splits a JSONL file when the files are fewer than the workers: try --files 1)")
     ap.add_argument("--keep", action="store_true", help="reuse the previous OUT and work store (finished results)")
     ap.add_argument("--polars-job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -443,6 +448,8 @@ def main() -> None:
     results = [run_polars(args, paths)]
     for near in variants:
         results.append(run_thresher(args, paths, near))
+    if args.compare_split:
+        results.append(run_thresher(args, paths, False, split=False))
 
     base = results[0]
     print(f"\n# results, {c['lines']:,} rows, {os.cpu_count()} CPUs ({args.workers} Dask workers / polars threads)")
