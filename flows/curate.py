@@ -177,6 +177,20 @@ def worker_slots(config: PipelineConfig) -> int:
     return config.execution.workers * config.execution.threads_per_worker
 
 
+#: a global stage that only declares the columns it reads gets them narrowed shard by shard on the
+#: workers from this many rows on; below, its one task narrows them itself (a task per shard costs
+#: more than it saves there). The stage gets the same table either way.
+NARROW_ON_WORKERS_ROWS = 100_000
+
+
+def rows_now(state: dict) -> int:
+    """A shard's rows after its last stage (its rows at sharding before any)."""
+    run = state.get("run")
+    if not isinstance(run, dict):
+        return int(state.get("rows") or 0)
+    return int(run["in"] + run.get("created", 0) - run["rejected"] - run.get("replaced", 0))
+
+
 def stage_threads(config: PipelineConfig, entry: StageEntry, tasks: int, slots: int) -> int | None:
     """Torch threads for each of a stage's ``tasks`` tasks: this machine's cores shared among the
     tasks that run at once (local clusters with ``fill_cores``, model stages whose models set no
@@ -289,7 +303,8 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
         elif kind == "global":
             map_keys = None
             stage = build_stage(entry)
-            if stage.maps_shards or stage.reads is not None:  # its per-shard step runs on every shard first
+            if stage.maps_shards or (stage.reads is not None and sum(map(rows_now, states)) >= NARROW_ON_WORKERS_ROWS):
+                # its per-shard step (or the narrowing to the columns it reads) runs on every shard first
                 threads = stage_threads(config, entry, len(states), slots)
                 map_keys = _progress([_submit(shard_map_task, entry, s, store_root, threads=threads) for s in states],
                                      f"{entry.stage} (per shard)", show_progress)
