@@ -69,7 +69,7 @@ def _stage_counts(config: PipelineConfig, stage_runs: list[list[dict]]) -> list[
             "out": n_in + n_created - n_rejected - n_replaced,
             "computed": sum(not r["cached"] for r in unique),
             "cached": sum(bool(r["cached"]) for r in unique),
-            "seconds": round(sum(r["seconds"] for r in unique if not r["cached"]), 3),
+            "seconds": round(sum(r["seconds"] + r.get("map_seconds", 0) for r in unique if not r["cached"]), 3),
         })
     return out
 

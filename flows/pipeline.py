@@ -269,6 +269,8 @@ def run_global_stage(entry: StageEntry, states: list[dict[str, Any]], store_root
         maps = [store.read_table(_map_name(stage), k, "map") for k in map_keys]
         rows = pa.concat_tables(maps, promote_options="default") if maps else pa.table({"row_id": pa.array([], pa.string())})
         run = _run_stage(stage, rows, store, key, threads=threads, check=False)
+        # the per-shard steps' task seconds, counted with the stage's in the manifest
+        run["map_seconds"] = round(sum(store.read_info(_map_name(stage), k)["seconds"] for k in map_keys), 3)
     else:
         # only the columns the stage declares, shard by shard: the corpus it holds stays narrow
         views = [narrowed(stage, shard_view(s, store)) for s in states]
