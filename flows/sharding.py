@@ -189,14 +189,43 @@ def _row_bytes(paths: list[Path]) -> np.ndarray:
 
 def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
                 min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
-    """Split the ingested corpus into shards of at most ``shard_rows`` rows, groups kept whole.
+    """:func:`plan_sharding`, then every shard written here, one after the other (the flow writes
+    them in parallel, :func:`write_shard`)."""
+    sharding = plan_sharding(ingested, shard_rows, store_root, min_shards, shard_bytes)
+    for state in sharding["shards"]:
+        write_shard(sharding, state["index"], store_root)
+    return sharding
+
+
+def write_shard(sharding: dict[str, Any], index: int, store_root: str) -> str:
+    """Write shard ``index`` of a planned sharding (its rows, taken from the ingested files by the
+    plan's positions), unless it is written already; returns its key."""
+    store = Store(store_root)
+    state = sharding["shards"][index]
+    if store.is_done("shards", state["key"]):
+        return state["key"]
+    plan = pq.read_table(store.path(SHARDING_STAGE, sharding["key"]) / "plan.parquet",
+                         filters=[("shard", "=", index)], columns=["position"])
+    paths = [Path(p) for p in sharding["paths"]]
+    shard = _take_rows([_IngestedRows(p) for p in paths], np.array(sharding["starts"], np.int64),
+                       plan["position"].to_numpy())
+    store.write("shards", state["key"], {"records": shard}, {"rows": shard.num_rows})
+    return state["key"]
+
+
+def plan_sharding(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
+                  min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
+    """Plan the split of the ingested corpus into shards of at most ``shard_rows`` rows, groups
+    kept whole; the shards themselves are written by :func:`write_shard` (one task each in the flow).
 
     With ``shard_bytes``, a shard also closes before its rows' ``messages`` JSON would pass
     that many bytes (:func:`messages_json_bytes`; a group larger than that is a shard of its
     own). With ``min_shards`` (the cluster's worker threads), there are at least that many
     shards of nearly equal size when the rows allow it, so no worker sits idle
     (:func:`plan_shards`).
-    Returns ``{"key", "shards": [state, ...], "rejected": n, "cached"}``. Rows whose
+    Returns ``{"key", "shards": [state, ...], "rejected": n, "cached", "unwritten": [index, ...],
+    "paths", "starts"}`` (the ingested files and their first rows in the corpus); the plan, each
+    kept row's shard and position, is ``plan.parquet`` in the result. Rows whose
     ``row_id`` repeats an earlier row's (the same content from the same source
     name, e.g. one file given twice) are rejected as ``duplicate_row``.
     """
@@ -207,8 +236,10 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     if shard_bytes is not None:  # only then: earlier stores keep their keys
         fields["shard_bytes"] = shard_bytes
     key = digest(fields)
-    if store.is_done(SHARDING_STAGE, key):
-        return {**store.read_info(SHARDING_STAGE, key), "cached": True}
+    if store.is_done(SHARDING_STAGE, key):  # planned before; a run stopped while writing left some shards to write
+        info = store.read_info(SHARDING_STAGE, key)
+        return {**info, "cached": True,
+                "unwritten": [s["index"] for s in info["shards"] if not store.is_done("shards", s["key"])]}
 
     paths = [store.path(INGEST_STAGE, i["key"]) / "records.parquet" for i in ingested]
     narrow = [pq.read_table(p, columns=["row_id", "group_id"]) for p in paths]
@@ -238,23 +269,23 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     )
     del dup_rows
     group_ids = corpus["group_id"].take(pa.array(kept, pa.int64())) if len(duplicates) else corpus["group_id"]
+    corpus_ids = corpus["row_id"]
     del corpus
     plan = plan_shards(group_ids, shard_rows, min_shards,
                        row_bytes[kept] if row_bytes is not None else None, shard_bytes)
-    states = []
-    for index, positions in enumerate(plan):
-        rows = kept[positions]
-        touched = set((np.searchsorted(starts, rows, side="right") - 1).tolist())
-        for number, file in enumerate(files):
-            if number not in touched:
-                file.release()  # keep only what this shard may share with the next
-        shard = _take_rows(files, starts, rows)
-        shard_key = digest({"rows": shard["row_id"].to_pylist()})
-        store.write("shards", shard_key, {"records": shard}, {"rows": shard.num_rows})
-        states.append({"index": index, "key": shard_key, "base": shard_key, "layers": [], "rows": shard.num_rows})
-    info = {"key": key, "shards": states, "rejected": rejected.num_rows}
-    store.write(SHARDING_STAGE, key, {"rejected": rejected}, info)
-    return {**info, "cached": False}
+    states, shard_of, positions = [], [], []
+    for index, members in enumerate(plan):
+        rows = kept[members]
+        shard_key = digest({"rows": corpus_ids.take(pa.array(rows, pa.int64())).to_pylist()})
+        states.append({"index": index, "key": shard_key, "base": shard_key, "layers": [], "rows": len(rows)})
+        shard_of.append(np.full(len(rows), index, np.int32))
+        positions.append(rows.astype(np.int64))
+    plan_table = pa.table({"shard": np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32),
+                           "position": np.concatenate(positions) if positions else np.zeros(0, np.int64)})
+    info = {"key": key, "shards": states, "rejected": rejected.num_rows, "paths": [str(p) for p in paths],
+            "starts": starts.tolist()}
+    store.write(SHARDING_STAGE, key, {"rejected": rejected, "plan": plan_table}, info)
+    return {**info, "cached": False, "unwritten": [s["index"] for s in states]}
 
 
 def _raw(messages: list[dict]) -> str:
