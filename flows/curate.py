@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from thresher.flows import pipeline
 from thresher.flows.ingest import ingest_file
 from thresher.flows.ingest_split import ingest_range, join_ranges, plan_ingest
-from thresher.flows.sharding import plan_sharding, write_shard
+from thresher.flows.sharding import make_shards, plan_sharding, write_shard
 from thresher.flows.artifacts import publish_artifacts
 from thresher.flows.manifest import build_manifest
 from thresher.flows.preflight import preflight
@@ -98,9 +98,16 @@ def ingest_inputs(paths: list[str], config: PipelineConfig, slots: int, store_ro
     return done + (_progress(joins, "ingest (joining ranges)", show_progress) if joins else [])
 
 
+#: from this many rows on, the shards are written in parallel, a task each; below, the task that
+#: plans them writes them too (a task per shard costs more than it saves there)
+PARALLEL_SHARD_WRITES_ROWS = 100_000
+
+
 @task(name="shard", cache_policy=NO_CACHE)
 def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1,
                shard_bytes: int | None = None) -> dict[str, Any]:
+    if sum(i["records"] for i in ingested) < PARALLEL_SHARD_WRITES_ROWS:
+        return make_shards(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
     return plan_sharding(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
 
 

@@ -192,9 +192,9 @@ def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str
     """:func:`plan_sharding`, then every shard written here, one after the other (the flow writes
     them in parallel, :func:`write_shard`)."""
     sharding = plan_sharding(ingested, shard_rows, store_root, min_shards, shard_bytes)
-    for state in sharding["shards"]:
-        write_shard(sharding, state["index"], store_root)
-    return sharding
+    for index in sharding["unwritten"]:
+        write_shard(sharding, index, store_root)
+    return {**sharding, "unwritten": []}
 
 
 def write_shard(sharding: dict[str, Any], index: int, store_root: str) -> str:
