@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from thresher.flows import pipeline
 from thresher.flows.ingest import ingest_file
-from thresher.flows.ingest_split import ingest_range, join_ranges, plan_ingest
+from thresher.flows.ingest_split import ingest_range, join_ranges, plan_ingest, ranges_per_file
 from thresher.flows.sharding import make_shards, plan_sharding, write_shard
 from thresher.flows.artifacts import publish_artifacts
 from thresher.flows.manifest import build_manifest
@@ -79,7 +79,11 @@ def ingest_inputs(paths: list[str], config: PipelineConfig, slots: int, store_ro
     (:mod:`thresher.flows.ingest_split`)."""
     if not paths:
         return []
-    plans = ingest_plan_task.submit(paths, config.ingest, slots, store_root).result()
+    files = [Path(p) for p in paths]
+    parts = ranges_per_file([f.stat().st_size if f.is_file() else 0 for f in files],
+                            [f.suffix.lower() for f in files], slots, config.ingest.split_min_bytes)
+    plans = ingest_plan_task.submit(paths, config.ingest, slots, store_root).result() if max(parts) > 1 \
+        else [{"path": p} for p in paths]  # no file to split: nothing to plan
     futures = []
     for plan in plans:
         if "ranges" in plan:
@@ -97,6 +101,9 @@ def ingest_inputs(paths: list[str], config: PipelineConfig, slots: int, store_ro
             done.append(next(results))
     return done + (_progress(joins, "ingest (joining ranges)", show_progress) if joins else [])
 
+
+#: what :func:`write_ingest_rejected` returns when reading and sharding rejected nothing
+NO_INGEST_REJECTED = {"files": [], "rejected_by_reason": {}, "rejected_by_stage": {}}
 
 #: from this many rows on, the shards are written in parallel, a task each; below, the task that
 #: plans them writes them too (a task per shard costs more than it saves there)
@@ -343,13 +350,15 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     staging = new_staging(out)  # every part is written here, by the worker holding its shard, then swapped in
     rows_per_file = config.output.rows_per_file
     hidden = sorted({c for e in config.stages for c in stage_class(e.stage).intermediate} - set(config.output.keep_columns))
-    ingest_part = ingest_rejected_task.submit(ingested, sharding, store_root, str(staging), rows_per_file)
+    ingest_part = ingest_rejected_task.submit(ingested, sharding, store_root, str(staging), rows_per_file) \
+        if sum(i["rejected"] for i in ingested) + sharding.get("rejected", 0) else None  # none: no task
     parts = []
     for state in states:
         with _near(state):
             parts.append(shard_output_task.submit(state, store_root, str(staging), rows_per_file, hidden))
     parts = _progress(parts, "output", show_progress)
-    files, totals = finish_output(out, staging, parts, ingest_part.result(), rows_per_file)
+    files, totals = finish_output(out, staging, parts, ingest_part.result() if ingest_part else NO_INGEST_REJECTED,
+                                  rows_per_file)
     kept, rejected = summary_tables(out)
     manifest = build_manifest(config, ingested, sharding, stage_runs, totals, kept, rejected, files,
                               seconds=time.perf_counter() - started)
