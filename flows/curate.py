@@ -365,10 +365,15 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     del kept, rejected
     manifest["model_lifecycle"] = model_events
     write_json_atomic(out / "manifest.json", manifest)
-    report = render_report(manifest, out)
+    report = render_report(manifest, out, figures=report_figures(config))
     write_text_atomic(out / "report.md", report)
     publish_artifacts(manifest, report)  # the run page in Prefect's UI shows the funnel
     return manifest
+
+
+def report_figures(config: PipelineConfig) -> bool:
+    """Whether report.md gets its PNG figures: ``output.figures``, unless ``THRESHER_REPORT_FIGURES=0``."""
+    return config.output.figures and os.environ.get("THRESHER_REPORT_FIGURES", "1") != "0"
 
 
 def local_worker_resources(config: PipelineConfig) -> dict[str, float]:

@@ -90,6 +90,8 @@ class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rows_per_file: int = Field(50_000, ge=1, description="rows per output Parquet file")
+    figures: bool = Field(True, description="report.md's PNG figures (funnel, attributes, scores per model); "
+                                            "THRESHER_REPORT_FIGURES=0 in the environment turns them off too")
     keep_columns: list[str] = Field(
         default_factory=list,
         description="intermediate wide columns to keep in attributes/ (e.g. deita_embedding): a stage writes "

@@ -8,10 +8,11 @@ from ``OUT/manifest.json`` and the output's Parquet.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from thresher.schemas.report_plots import Figure, make_plots
+from thresher.schemas.report_plots import Figure, Plots, make_plots
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -45,10 +46,15 @@ def _ledger(c: dict[str, Any]) -> str:
     return f"**{left} = {right}** ({c['groups_output']} groups in the output)."
 
 
-def render_report(manifest: dict[str, Any], out: Path) -> str:
-    """The markdown of ``report.md``; writes its figures to ``out/report/`` (replacing an earlier run's)."""
+def render_report(manifest: dict[str, Any], out: Path, figures: bool = True) -> str:
+    """The markdown of ``report.md``; writes its figures to ``out/report/`` (replacing an earlier
+    run's), unless ``figures`` is False (then the tables only, and no ``report/``)."""
     c = manifest["counts"]
-    plots = make_plots(manifest, Path(out))
+    if figures:
+        plots = make_plots(manifest, Path(out))
+    else:
+        plots = Plots()
+        shutil.rmtree(Path(out) / "report", ignore_errors=True)  # no figures of an earlier run stay linked to none
     lines = [
         f"# thresher report: {manifest['name']}",
         "",

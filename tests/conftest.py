@@ -16,6 +16,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="thresher-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# report.md's figures cost a second a run; the tests of the figures turn them on (THRESHER_REPORT_FIGURES=1)
+os.environ.setdefault("THRESHER_REPORT_FIGURES", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts it slowly
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -70,6 +70,7 @@ def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_se
     api, env = prefect_server
     key = new_key()
     env = {**env, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING", "OPENAI_API_KEY": key,
+           "THRESHER_REPORT_FIGURES": "1",
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the served process picks a triggered run up within 1 s
     config = tmp_path / "nightly.yaml"
     config.write_text(

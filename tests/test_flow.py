@@ -187,9 +187,10 @@ def test_unreadable_file_stops_or_is_skipped(tmp_path, shared_data):
     broken = tmp_path / "in" / "broken.json"
     broken.parent.mkdir()
     broken.write_text("[{")
-    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "a"), "-q")
+    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "a"), "-q", "--workers", "1")
     assert result.returncode == 1 and "broken.json" in result.stderr
-    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "b"), "-q", "--skip-unreadable")
+    result = _thresher("ingest", str(broken.parent), "--out", str(tmp_path / "b"), "-q", "--skip-unreadable",
+                       "--workers", "1")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["counts"]["rejected_by_reason"] == {"unreadable_file": 1}
@@ -212,7 +213,8 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     """The README's main job, narrowed with --input: embedded embeddings, diversity filter, outputs."""
     out = tmp_path / "demo"
     result = _thresher("run", str(repo_root / "examples/demo.yaml"), "--input",
-                       str(shared_data / "self_instruct/seed_tasks.jsonl"), "--out", str(out), "--workers", "1")
+                       str(shared_data / "self_instruct/seed_tasks.jsonl"), "--out", str(out), "--workers", "1",
+                       env={**os.environ, "THRESHER_REPORT_FIGURES": "1"})  # its figures are checked below
     assert result.returncode == 0, result.stderr
     # stdout is not a terminal here: a progress line per stage instead of bars
     for stage in ("ingest", "validate", "deita_embed", "deita_filter"):
