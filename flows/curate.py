@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from thresher.flows import pipeline
 from thresher.flows.ingest import ingest_file
 from thresher.flows.ingest_split import ingest_range, join_ranges, plan_ingest, ranges_per_file
-from thresher.flows.sharding import make_shards, plan_sharding, write_shard
+from thresher.flows.sharding import make_shards
 from thresher.flows.artifacts import publish_artifacts
 from thresher.flows.manifest import build_manifest
 from thresher.flows.preflight import preflight
@@ -105,22 +105,12 @@ def ingest_inputs(paths: list[str], config: PipelineConfig, slots: int, store_ro
 #: what :func:`write_ingest_rejected` returns when reading and sharding rejected nothing
 NO_INGEST_REJECTED = {"files": [], "rejected_by_reason": {}, "rejected_by_stage": {}}
 
-#: from this many rows on, the shards are written in parallel, a task each; below, the task that
-#: plans them writes them too (a task per shard costs more than it saves there)
-PARALLEL_SHARD_WRITES_ROWS = 100_000
-
-
 @task(name="shard", cache_policy=NO_CACHE)
 def shard_task(ingested: list[dict], shard_rows: int, store_root: str, min_shards: int = 1,
                shard_bytes: int | None = None) -> dict[str, Any]:
-    if sum(i["records"] for i in ingested) < PARALLEL_SHARD_WRITES_ROWS:
-        return make_shards(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
-    return plan_sharding(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
-
-
-@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def write_shard_task(sharding: dict, index: int, store_root: str) -> str:
-    return write_shard(sharding, index, store_root)
+    # one task plans and writes the shards: written in parallel (a task each, every task reading the
+    # row groups its rows span) they took 26 s for 1M rows where one task takes about 15 (bench/scale.py)
+    return make_shards(ingested, shard_rows, store_root, min_shards, shard_bytes=shard_bytes)
 
 
 @task(name="source", cache_policy=NO_CACHE, retry_delay_seconds=1)
@@ -308,9 +298,6 @@ def pipeline_flow(config_data: dict, show_progress: bool | str = True) -> dict[s
     sharding = shard_task.submit(ingested, config.shard_rows, store_root, min_shards,
                                  shard_bytes=config.shard_bytes).result()
     states = sharding["shards"]
-    if sharding.get("unwritten"):  # the plan is made; its shards are written in parallel
-        _progress([write_shard_task.submit(sharding, i, store_root) for i in sharding["unwritten"]], "shards",
-                  show_progress)
 
     stage_runs: list[list[dict]] = []
     for position, entry in enumerate(config.stages):

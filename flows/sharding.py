@@ -189,34 +189,40 @@ def _row_bytes(paths: list[Path]) -> np.ndarray:
 
 def make_shards(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
                 min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
-    """:func:`plan_sharding`, then every shard written here, one after the other (the flow writes
-    them in parallel, :func:`write_shard`)."""
+    """:func:`plan_sharding`, then every shard not yet written, one after the other, the ingested
+    files' row groups read once for consecutive shards (a run stopped while writing them writes
+    only those left)."""
     sharding = plan_sharding(ingested, shard_rows, store_root, min_shards, shard_bytes)
-    for index in sharding["unwritten"]:
-        write_shard(sharding, index, store_root)
+    if sharding["unwritten"]:
+        store = Store(store_root)
+        plan = pq.read_table(store.path(SHARDING_STAGE, sharding["key"]) / "plan.parquet")
+        shard_of, positions = plan["shard"].to_numpy(), plan["position"].to_numpy()
+        files = [_IngestedRows(Path(p)) for p in sharding["paths"]]
+        starts = np.array(sharding["starts"], np.int64)
+        for index in sharding["unwritten"]:
+            rows = positions[shard_of == index]
+            touched = set((np.searchsorted(starts, rows, side="right") - 1).tolist())
+            for number, file in enumerate(files):
+                if number not in touched:
+                    file.release()  # keep only what this shard may share with the next
+            write_shard(sharding, index, store_root, _take_rows(files, starts, rows))
     return {**sharding, "unwritten": []}
 
 
-def write_shard(sharding: dict[str, Any], index: int, store_root: str) -> str:
-    """Write shard ``index`` of a planned sharding (its rows, taken from the ingested files by the
-    plan's positions), unless it is written already; returns its key."""
+def write_shard(sharding: dict[str, Any], index: int, store_root: str, rows: pa.Table) -> str:
+    """Write ``rows`` as shard ``index`` of a planned sharding, unless it is written already; returns its key."""
     store = Store(store_root)
     state = sharding["shards"][index]
     if store.is_done("shards", state["key"]):
         return state["key"]
-    plan = pq.read_table(store.path(SHARDING_STAGE, sharding["key"]) / "plan.parquet",
-                         filters=[("shard", "=", index)], columns=["position"])
-    paths = [Path(p) for p in sharding["paths"]]
-    shard = _take_rows([_IngestedRows(p) for p in paths], np.array(sharding["starts"], np.int64),
-                       plan["position"].to_numpy())
-    store.write("shards", state["key"], {"records": shard}, {"rows": shard.num_rows})
+    store.write("shards", state["key"], {"records": rows}, {"rows": rows.num_rows})
     return state["key"]
 
 
 def plan_sharding(ingested: list[dict[str, Any]], shard_rows: int, store_root: str,
                   min_shards: int = 1, shard_bytes: int | None = None) -> dict[str, Any]:
     """Plan the split of the ingested corpus into shards of at most ``shard_rows`` rows, groups
-    kept whole; the shards themselves are written by :func:`write_shard` (one task each in the flow).
+    kept whole; :func:`make_shards` writes the shards from it.
 
     With ``shard_bytes``, a shard also closes before its rows' ``messages`` JSON would pass
     that many bytes (:func:`messages_json_bytes`; a group larger than that is a shard of its
