@@ -175,7 +175,8 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path):
 
 
 def test_cli_ingest(tmp_path, shared_data, messy_input):
-    result = _thresher("ingest", str(messy_input), str(shared_data / "self_instruct"), "--out", str(tmp_path / "ing"), "-q")
+    result = _thresher("ingest", str(messy_input), str(shared_data / "self_instruct"), "--out", str(tmp_path / "ing"), "-q",
+                       "--workers", "1")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "ing" / "manifest.json").read_text())
     assert manifest["counts"]["input"] == 35 + 175

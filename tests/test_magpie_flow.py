@@ -30,7 +30,7 @@ CONFIG = f"""\
 name: magpie-test
 execution: {{workers: 1}}
 stages:
-  - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 32, seed: 7,
+  - {{stage: magpie, count: {TASKS * 2}, rows_per_task: 2, n_per_call: 2, max_tokens: 20, seed: 7,
       request_cache: false}}
   - {{stage: magpie_response, max_tokens: 6, request_cache: false}}
   - {{stage: select, where: ["magpie_instruction_ends_with_colon == 0"], order_by: magpie_response_tokens, budget: 100}}
