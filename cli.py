@@ -2,6 +2,7 @@
 
     thresher ingest INPUT... --out DIR     normalize + quarantine + write, no selection
     thresher run CONFIG [--input PATH]... [--out DIR] [--dask-address ADDR] [--workers N]
+    thresher llm2llm CONFIG [--out DIR]     the LLM2LLM teacher-student augmentation loop
     thresher kd-check OUT --student MODEL  does MODEL's tokenizer give the KD teacher's token ids?
     thresher report OUT                    render OUT/report.md and its figures again from a finished output
 
@@ -144,6 +145,34 @@ def run(
     except BaseException as err:  # one line for the user; --debug for the rest
         _fail(err, debug)
     _finish(manifest, cfg.out)
+
+
+@app.command()
+def llm2llm(
+    config: Path = typer.Argument(..., help="LLM2LLM loop YAML (see examples/llm2llm_gsm8k.yaml)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (overrides the config's)"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="work store (default OUT/.thresher)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress lines"),
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
+) -> None:
+    """Run the LLM2LLM loop in CONFIG: train the student, evaluate it, have the teacher write examples
+    like the seeds it got wrong; repeat. Finished steps are reused: run it again to resume."""
+    _prepare_process()
+    try:
+        from thresher.flows.llm2llm import apply_llm2llm_overrides, execute_llm2llm
+        from thresher.llm2llm.config import load_llm2llm_config
+
+        cfg = apply_llm2llm_overrides(load_llm2llm_config(config), out, cache_dir)
+        manifest = execute_llm2llm(cfg, show_progress=not quiet)
+    except BaseException as err:  # one line for the user; --debug for the rest
+        _fail(err, debug)
+    c = manifest["counts"]
+    accuracy = ", ".join(f"{a['iteration']}: seeds {a['seeds']}" + (f", held-out {a['held_out']}"
+                         if a["held_out"] is not None else "") for a in manifest["accuracy"])
+    typer.echo(f"{c['seeds']['used']} seeds + {c['augmentations']} augmentations -> {c['output']} rows, "
+               f"{c['rejected']} rejected; accuracy per iteration: {accuracy}\n"
+               f"wrote {cfg.out}/data, {cfg.out}/iterations, {cfg.out}/rejected, {cfg.out}/manifest.json, "
+               f"{cfg.out}/report.md")
 
 
 @app.command()

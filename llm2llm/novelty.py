@@ -123,6 +123,7 @@ class HeldOutIndex:
     """Held-out questions an augmentation must not reproduce: exact (normalized) or ROUGE-L > ``threshold``."""
 
     def __init__(self, questions: Sequence[str], threshold: float = HELD_OUT_THRESHOLD):
+        self.questions = list(questions)
         self._exact = {normalize_question(q): i for i, q in enumerate(questions)}
         self._rouge = NoveltyIndex(questions, threshold=threshold)
         self.threshold = threshold

@@ -12,7 +12,9 @@ Following the reference (LLM2LLM, Lee et al. 2024, arXiv:2403.15042; SqueezeAILa
 ``Answer:`` and exactly one ``####``; the final answer is the rest of the ``####`` line (text
 after that line is dropped); the answer written back is ``<calculation>\\n#### <final answer>``;
 when the reply was cut at the token limit (``finish_reason == "length"``) its last item is
-dropped, as it is likely cut short. Text before the first marker (a preamble such as "Sure, here
+dropped, as it is likely cut short, unless its ``####`` line is complete (text after the
+``####`` and then a line end): the reference drops that one too, and with one item asked for and
+a teacher that goes on writing after it (small models do), that was every good item. Text before the first marker (a preamble such as "Sure, here
 are...") is not an item and is ignored, as in the reference.
 
 Where the reference silently drops an item, this parser returns a :class:`ParseFailure` with a
@@ -53,6 +55,7 @@ REASONS = (
 _QUESTION = re.compile(r"(?<!\d)\d{1,2}\.\s*(?:\*\*)?\s*Question\s*:(?:\*\*)?")
 _ANSWER = re.compile(r"(?:\*\*)?\bAnswer\s*:(?:\*\*)?")
 _FINAL = re.compile(r"####")
+_COMPLETE = re.compile(r"####[^\n]*\S[^\n]*\n")  # a final-answer line that ended before the token limit
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ def parse_teacher_output(
             "unparseable", "no numbered 'Question:' marker (expected '1. Question: ...')", None, text))
         return result
     for i, chunk in enumerate(chunks):
-        if i == len(chunks) - 1 and finish_reason == "length":
+        if i == len(chunks) - 1 and finish_reason == "length" and not _COMPLETE.search(chunk):
             result.failures.append(ParseFailure(
                 "truncated", "the reply was cut at the token limit: its last item is dropped", i, chunk.strip()))
             continue

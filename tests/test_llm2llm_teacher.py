@@ -78,6 +78,9 @@ def test_every_failure_reason_is_data_never_an_exception():
     # truncation drops only the last item: the first one survives
     res = parse_teacher_output(cases["truncated"][0], finish_reason="length")
     assert [i.question for i in res.items] == ["Q1?"] and res.reasons == ["truncated"]
+    # a last item whose '####' line ended before the limit is whole: kept (the reference drops it)
+    res = parse_teacher_output("1. Question: Q1?\nAnswer: 2 + 2 = 4\n#### 4\nPlease write 1 more", "length")
+    assert [i.final_answer for i in res.items] == ["4"] and res.reasons == []
     # an empty final line is no final answer; a non-numeric one passes when numbers are not required
     assert parse_teacher_output("1. Question: Q?\nAnswer: x\n####\n7").reasons == ["no_final_answer"]
     assert parse_teacher_output(cases["non_numeric_answer"][0], require_number=False).items[0].final_answer == "blue"

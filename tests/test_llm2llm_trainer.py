@@ -19,26 +19,13 @@ import pytest
 
 from thresher.llm2llm.trainer import PLAIN_CHAT_TEMPLATE, RECORD, TrainerError, train, trainer_config
 from thresher.schemas.records import MESSAGES_TYPE
+from tiny_models import tiny_smollm2 as make_tiny_smollm2
 
 
 @pytest.fixture(scope="module")
 def tiny_smollm2(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer SmolLM2-architecture model with SmolLM2's tokenizer, as a folder."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from thresher.generators.model_files import load_tokenizer, resolve_model_path
-
-    src, _, _ = resolve_model_path("embedded:smollm2-135m-instruct")
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    out = tmp_path_factory.mktemp("tiny-smollm2")
-    model.save_pretrained(out)
-    load_tokenizer(src).save_pretrained(out)
-    return out
+    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny-smollm2"))
 
 
 @pytest.fixture(scope="module")
