@@ -214,15 +214,24 @@ def serve(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="default output folder"),
     dask_address: Optional[str] = typer.Option(None, "--dask-address", help="default Dask scheduler"),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="default local worker processes"),
+    llm2llm: bool = typer.Option(False, "--llm2llm", help="CONFIG is an LLM2LLM loop: serve thresher-llm2llm/NAME"),
     debug: bool = typer.Option(False, "--debug", help="show the full traceback on failure"),
 ) -> None:
-    """Register CONFIG as the Prefect deployment thresher-curate/NAME and serve its runs.
+    """Register CONFIG as the Prefect deployment thresher-curate/NAME (thresher-llm2llm/NAME with
+    --llm2llm) and serve its runs.
 
     Uses the Prefect API at PREFECT_API_URL. Trigger an ad-hoc run with
     `prefect deployment run 'thresher-curate/NAME' --param out=/some/dir`.
     """
     _prepare_process()
     try:
+        if llm2llm:
+            from thresher.flows.deploy import serve_llm2llm
+            from thresher.llm2llm.config import load_llm2llm_config
+
+            load_llm2llm_config(config)  # fail now, not at the first scheduled run
+            serve_llm2llm(str(config), name, cron, out)
+            return
         from thresher.flows.deploy import serve as serve_deployment
         from thresher.flows.registry import load_config
 

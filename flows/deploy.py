@@ -58,3 +58,15 @@ def serve(
         limit=limit,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
+
+
+def serve_llm2llm(config_path: str, name: str, cron: str | None = None, out: str | None = None,
+                  limit: int | None = None) -> None:
+    """Register ``thresher-llm2llm/<name>`` (the LLM2LLM loop in ``config_path``) and serve it until interrupted."""
+    from thresher.flows.llm2llm import llm2llm
+
+    parameters: dict[str, Any] = {"config_path": str(Path(config_path).resolve())}
+    if out:
+        parameters["out"] = str(Path(out).resolve())
+    llm2llm.serve(name=name, cron=cron, parameters=parameters, description=f"thresher LLM2LLM loop {config_path}",
+                  tags=["thresher", "llm2llm"], limit=limit, entrypoint_type=EntrypointType.MODULE_PATH)
