@@ -42,20 +42,18 @@ def gsm8k_parquet(shared_data, tmp_path_factory) -> Path:
 
 
 def _generates(folder: Path) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The checkpoint loads as any thresher model does (``model: <folder>``) and answers a chat."""
+    from thresher.generators.base import SamplingParams
+    from thresher.generators.registry import load_model, release_models
 
-    from thresher.generators.model_files import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tok = load_tokenizer(folder)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
-                                     add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4 or out[0, -1].item() == tok.eos_token_id
-    return prompt
+    model = load_model({"name": str(folder)}, cache=False)
+    try:
+        chat = [{"role": "user", "content": "What is 2 + 2?"}]
+        completion = model.chat([chat], SamplingParams(max_tokens=4))[0].completions[0]
+        assert len(completion.token_ids) == 4 or completion.finish_reason == "stop"
+        return model.apply_chat_template(chat)
+    finally:
+        release_models()
 
 
 def _epoch_means(losses: list[dict], steps_per_epoch: int) -> list[float]:
