@@ -20,6 +20,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("THRESHER_REPORT_FIGURES", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts it slowly
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# torch's OpenMP threads (a lone local worker gets all the cores' threads) sleep when they wait
+# instead of spinning: on 2 cores a flow's worker shares them with the flow process, the Prefect
+# server and this one, and spinning threads made model tasks 2-5x slower there (the Magpie flow
+# test 123 s -> 59 s, the GRAPE run 56 s -> 24 s). Inherited by every CLI run and Dask worker the
+# tests start; results do not depend on it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
