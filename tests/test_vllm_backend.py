@@ -92,16 +92,21 @@ def test_engine_arguments_on_a_cpu_platform(tmp_path):
 # --------------------------------------------------------------------------- the real engine
 
 
-@pytest.mark.parametrize("name", [SMOL, GEMMA])
-def test_embedded_checkpoints_load_in_vllm_with_the_right_top_token(name, hf):
+@pytest.mark.parametrize("name", [GEMMA, SMOL])
+def test_embedded_checkpoints_load_in_vllm_with_the_right_top_token(name, hf, request):
     """The cached conversions use the standard layout: vLLM reads real embeddings, not zeros
-    (a checkpoint without ``model.embed_tokens.weight`` gave a uniform -ln(vocab) everywhere)."""
+    (a checkpoint without ``model.embed_tokens.weight`` gave a uniform -ln(vocab) everywhere).
+    SmolLM2's engine is the module's (``vb``, started here): the same conversion, one start-up.
+    Gemma goes first: two engines at once in one process share vLLM's distributed state, and
+    closing one breaks the other."""
     from thresher.generators.registry import load_model
     from thresher.generators.vllm_backend import VLLMBackend
 
     prompt = "The capital of France is"
     ref = hf if name == SMOL else load_model(name, cache=False)
+    shared = request.getfixturevalue("vb") if name == SMOL else None
     backend = VLLMBackend(vllm_config(name))
+    assert shared is None or backend.llm is shared.llm
     try:
         got, want = backend.generate([prompt], SamplingParams(max_tokens=1, top_logprobs=5))[0], \
             ref.generate([prompt], SamplingParams(max_tokens=1, top_logprobs=5))[0]
