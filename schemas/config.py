@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,11 @@ class IngestConfig(BaseModel):
         return value
 
 
+def fill_cores_default() -> bool:
+    """``execution.fill_cores``' default: on, unless ``THRESHER_FILL_CORES=0`` (bench/suite_cores.py turns it off so)."""
+    return os.environ.get("THRESHER_FILL_CORES", "1") != "0"
+
+
 class ExecutionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,9 +83,11 @@ class ExecutionConfig(BaseModel):
         None, ge=1, description="CPU threads each local worker's models and numeric libraries use "
                                 "(default: this machine's cores / workers)")
     fill_cores: bool = Field(
-        True, description="keep every core busy: plan at least one shard per Dask worker thread (groups kept "
-                          "whole; shard_rows stays the upper bound) and, on a local cluster, let a stage's tasks "
-                          "share the machine's cores when they are fewer than the workers")
+        default_factory=fill_cores_default,
+        description="keep every core busy: plan at least one shard per Dask worker thread (groups kept "
+                    "whole; shard_rows stays the upper bound) and, on a local cluster, let a stage's tasks "
+                    "share the machine's cores when they are fewer than the workers; default true, false "
+                    "when THRESHER_FILL_CORES=0 is in the environment (a config's own value wins)")
     model_memory_gb: float | None = Field(
         None, gt=0, description="per local worker: loading a model releases the least recently used "
                                 "others until their measured footprints fit (default: no budget; a "
