@@ -252,6 +252,11 @@ def _release(key: str, reason: str) -> bool:
     return True
 
 
+def release_model(cfg: ModelConfig | str | dict, reason: str = "done") -> bool:
+    """Release one model (named by its config) if it is loaded; the others stay. Whether it was."""
+    return _release(memo_key(as_config(cfg)), reason)
+
+
 def release_models(keep: Iterable[str] = (), reason: str = "stage_over") -> list[str]:
     """Release every loaded, unpinned model whose memo key is not in ``keep``; return their names.
 

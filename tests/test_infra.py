@@ -4,6 +4,9 @@ from pathlib import Path
 
 import yaml
 
+from thresher.flows.registry import load_config
+from thresher.llm2llm.config import load_llm2llm_config
+
 
 def _yaml_files(repo_root: Path):
     return sorted((repo_root / "infra").rglob("*.yaml")) + [repo_root / "prefect.yaml"]
@@ -31,9 +34,13 @@ def test_prefect_yaml_deployments_load_their_flow(repo_root):
     config = yaml.safe_load((repo_root / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         flow = load_flow_from_entrypoint(deployment["entrypoint"])
-        assert flow.name == "thresher-curate"
+        assert flow.name in ("thresher-curate", "thresher-llm2llm")
         assert set(deployment["parameters"]) <= set(flow.parameters.properties)
-        assert (repo_root / deployment["parameters"]["config_path"]).exists()
+        config = repo_root / deployment["parameters"]["config_path"]
+        if flow.name == "thresher-llm2llm":
+            load_llm2llm_config(config)
+        else:
+            load_config(config)
 
 
 def test_slurm_files_are_valid_python_and_bash(repo_root):

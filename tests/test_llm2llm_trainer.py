@@ -44,7 +44,7 @@ def gsm8k_parquet(shared_data, tmp_path_factory) -> Path:
 def _generates(folder: Path) -> str:
     """The checkpoint loads as any thresher model does (``model: <folder>``) and answers a chat."""
     from thresher.generators.base import SamplingParams
-    from thresher.generators.registry import load_model, release_models
+    from thresher.generators.registry import load_model, release_model
 
     model = load_model({"name": str(folder)}, cache=False)
     try:
@@ -53,7 +53,7 @@ def _generates(folder: Path) -> str:
         assert len(completion.token_ids) == 4 or completion.finish_reason == "stop"
         return model.apply_chat_template(chat)
     finally:
-        release_models()
+        release_model({"name": str(folder)})  # only this one: the session's shared models stay
 
 
 def _epoch_means(losses: list[dict], steps_per_epoch: int) -> list[float]:
