@@ -75,7 +75,7 @@ def request_seed(base_seed: int, iteration: int, attempt: int) -> int:
 
 def teacher_sampling(config: TeacherConfig, seed: int) -> SamplingParams:
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-                          seed=seed)
+                          stop=tuple(config.stop), seed=seed)
 
 
 class KeptQuestions:
@@ -126,7 +126,7 @@ def augment(
         result.requests += len(pending)
         result.retries += len(pending) if attempt else 0
         origin_sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                           "max_tokens": params.max_tokens, "seed": seed_value}
+                           "max_tokens": params.max_tokens, "stop": list(params.stop), "seed": seed_value}
         for (seed, _), (text, finish_reason) in zip(pending, replies):
             parsed = parse_teacher_output(text, finish_reason,
                                           max_items=missing[seed["row_id"]], require_number=config.require_number)

@@ -61,6 +61,8 @@ class TeacherConfig(BaseModel):
     temperature: float = Field(1.0, ge=0, description="the reference's 1.0")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, ge=16)
+    stop: list[str] = Field(default_factory=list, description="stop strings, e.g. ['\\n\\n'] with m: 1: the reply "
+                            "ends after its item instead of running on to max_tokens (a small teacher writes on)")
     max_retries: int = Field(2, ge=0, description="more requests for a wrong seed whose reply gave fewer than m "
                                                   "accepted examples (the reference retries without end)")
     show_student_answer: bool = Field(False, description="show the teacher the student's wrong answer "

@@ -35,7 +35,8 @@ name: loop-test
 seeds: {{inputs: [{shared_data / 'gsm8k' / 'train.jsonl'}], limit: 3, sample_seed: 3}}
 held_out: {{inputs: [{shared_data / 'gsm8k' / 'test.jsonl'}], limit: 3}}
 student: {student}
-teacher: {{model: embedded:smollm2-135m-instruct, max_tokens: 160, max_retries: 1, response_prefix: "1. Question:"}}
+teacher: {{model: embedded:smollm2-135m-instruct, max_tokens: 128, max_retries: 1, response_prefix: "1. Question:",
+           stop: ["\\n\\n"]}}
 iterations: 2
 trainer: {{max_steps: 12, learning_rate: 1.0e-3, max_length: 192}}
 evaluation: {{max_tokens: 8}}
