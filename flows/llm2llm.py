@@ -220,10 +220,10 @@ class Loop:
         self.step(iteration, "evaluate", ekey, "ran", time.monotonic() - started)
         return table
 
-    def augmentation(self, iteration: int, training: pa.Table, wrong: list[tuple[dict, str]],
+    def augmentation(self, iteration: int, training_digest: str, wrong: list[tuple[dict, str]],
                      accepted: list[dict]) -> AugmentResult:
         held_digest = rows_digest(self.held_out.records) if self.held_out else None
-        akey = digest({"v": VERSION, "step": "augment", "training": rows_digest(training.to_pylist()),
+        akey = digest({"v": VERSION, "step": "augment", "training": training_digest,
                        "wrong": [(s["row_id"], answer) for s, answer in wrong], "iteration": iteration,
                        "teacher": teacher_identity(self.config),
                        "teacher_settings": self.config.teacher.model_dump(mode="json", exclude={"model"}),
@@ -252,7 +252,8 @@ class Loop:
         training = training_table(self.seeds.records, accepted)
         train_parquet = folder / "train.parquet"
         _write_parquet(training, train_parquet)
-        tkey = train_key(self.config, rows_digest(training.to_pylist()))
+        training_digest = rows_digest(self.seeds.records + accepted)  # the rows of `training`, in order
+        tkey = train_key(self.config, training_digest)
         checkpoint = folder / "student"
         table = self.evaluation(iteration, tkey, checkpoint, train_parquet)
         _write_parquet(table, folder / "eval.parquet")
@@ -263,7 +264,7 @@ class Loop:
         correct = dict(zip(seeds_eval["row_id"].to_pylist(), seeds_eval["correct"].to_pylist()))
         answers = dict(zip(seeds_eval["row_id"].to_pylist(), seeds_eval["prediction"].to_pylist()))
         wrong = [(s, answers[s["row_id"]]) for s in self.seeds.records if not correct[s["row_id"]]]
-        result = self.augmentation(iteration, training, wrong, accepted) if wrong else AugmentResult()
+        result = self.augmentation(iteration, training_digest, wrong, accepted) if wrong else AugmentResult()
         _write_parquet(pa.Table.from_pylist(result.accepted, schema=TRAINING_SCHEMA), folder / "augmentations.parquet")
         _write_parquet(rejected_table(result.rejected), folder / "rejected.parquet")
         metrics = {

@@ -21,13 +21,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from thresher.llm2llm.graders import GraderError, make_grader
 from thresher.llm2llm.novelty import HELD_OUT_THRESHOLD, NEAR_COPY_THRESHOLD
 from thresher.llm2llm.trainer import TrainerError, trainer_config
-from thresher.schemas.config import ConfigError, _explain
+from thresher.schemas.config import ConfigError, _explain, read_yaml_file
 from thresher.schemas.formats import FORMATS
 from thresher.schemas.model_config import ModelConfig
 from thresher.schemas.secrets import secret_key_paths
@@ -176,11 +175,5 @@ def validate_llm2llm_config(data: Any, base_dir: Path | None = None, origin: str
 
 def load_llm2llm_config(path: str | Path) -> LLM2LLMConfig:
     """Read and validate a YAML loop config (a clear :class:`ConfigError` on any problem)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return validate_llm2llm_config(data, base_dir=path.resolve().parent, origin=str(path))
+    data = read_yaml_file(path)
+    return validate_llm2llm_config(data, base_dir=Path(path).resolve().parent, origin=str(path))

@@ -225,13 +225,18 @@ def validate_config(
     return config
 
 
-def load_config_file(path: str | Path, stage_params: StageParamsLookup) -> PipelineConfig:
-    """Read and validate a YAML pipeline config (a clear :class:`ConfigError` on any problem)."""
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML config file's contents (``{}`` when empty); a :class:`ConfigError` when it is missing or not YAML."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    return validate_config(data, stage_params, base_dir=path.resolve().parent, origin=str(path))
+
+
+def load_config_file(path: str | Path, stage_params: StageParamsLookup) -> PipelineConfig:
+    """Read and validate a YAML pipeline config (a clear :class:`ConfigError` on any problem)."""
+    data = read_yaml_file(path)
+    return validate_config(data, stage_params, base_dir=Path(path).resolve().parent, origin=str(path))
