@@ -69,7 +69,8 @@ def test_log_records_are_redacted_whoever_logs(monkeypatch, caplog):
     monkeypatch.setenv("THRESHER_TEST_KEY", key)
     register_secret_env(["THRESHER_TEST_KEY"])
     install_log_redaction()
-    with caplog.at_level(logging.DEBUG):
+    # httpx's own level too: a library imported by an earlier test (Prefect's logging setup) may have raised it
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="httpx"):
         logging.getLogger("httpx").debug("Authorization: Bearer %s", key)
         try:
             raise RuntimeError(f"server said: bad key {key}")
