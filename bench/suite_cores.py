@@ -5,7 +5,7 @@ Run: ``python bench/suite_cores.py [--repeat 1] [--order off,on]``
 Issue 19 asks that the test suite get faster for ``execution.fill_cores``. This runs a fixed
 selection of the suite's flow tests that run model stages on a local Dask cluster, in one
 invocation, as two pytest sessions (each with the suite's own conftest: its Prefect server, its
-environment), once with ``THRESHER_FILL_CORES=0`` (the ``ExecutionConfig`` default turned off:
+environment; one pytest process, ``-n 0``: ``bench/suite_workers.py`` measures the workers), once with ``THRESHER_FILL_CORES=0`` (the ``ExecutionConfig`` default turned off:
 shards planned by ``shard_rows`` alone, every task at the worker's ``cores / workers`` threads)
 and once with it on (the default). The tests set no ``fill_cores`` of their own, so the
 environment decides for every run they make, in-process and through the CLI alike.
@@ -51,7 +51,7 @@ SELECTION = {
 def session(fill: bool, xml: Path) -> dict:
     env = {**os.environ, "THRESHER_FILL_CORES": "1" if fill else "0"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", *SELECTION, "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", *SELECTION, "-q", "-p", "no:cacheprovider", "-n", "0",
                            f"--junitxml={xml}"], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:

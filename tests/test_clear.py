@@ -238,6 +238,7 @@ MIX_ROWS = 20  # instructions: 20 answered by gpt4_1106_preview + the same 20 by
 MIX_STAGE = {"stage": "clear", "k": 5, "max_tokens": 48, "max_answer_tokens": 128}
 
 
+@pytest.mark.slow
 def test_auto_filter_on_nullmodel_mix_through_the_flow(tmp_path, shared_data):
     """40 rows through the real Prefect + Dask flow: NullModel's garbage goes, gpt4's answers stay."""
     from thresher.flows.curate import execute
@@ -273,6 +274,7 @@ def test_auto_filter_on_nullmodel_mix_through_the_flow(tmp_path, shared_data):
     assert "confidence histogram per source" in report and "0.0-0.1" in report
 
 
+@pytest.mark.slow
 def test_auto_correct_through_the_flow_writes_the_corrected_messages(tmp_path, shared_data):
     """clear -> clear_correct in the real flow: data/ carries the new response, attributes the old."""
     from thresher.flows.curate import execute

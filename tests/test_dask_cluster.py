@@ -68,6 +68,7 @@ def _data(out: Path):
     return pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
 
 
+@pytest.mark.slow
 def test_gpu_tagged_worker_and_a_killed_worker(tmp_path, small_candidates):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"

@@ -61,6 +61,7 @@ def prefect_server(tmp_path, prefect_api):
     yield prefect_api, env
 
 
+@pytest.mark.slow
 def test_served_deployment_runs_when_triggered(tmp_path, shared_data, prefect_server):
     """Also the deployment half of issue 20: a key in the serving process's environment, a run of a
     config whose openai model fails on an unreachable port (retries and errors logged): the key

@@ -84,6 +84,7 @@ def test_run_writes_data_rejected_manifest_report(tmp_path, shared_data, messy_i
     assert attributes == c["output"]
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_write_the_same_rows(tmp_path, shared_data):
     inputs = [shared_data / "alpaca_eval" / f"{m}.json" for m in ("claude-2", "NullModel")]
     benchmark = tmp_path / "benchmark.json"  # 40 of the instructions, as if they were an eval set
@@ -107,6 +108,7 @@ def _rejected(out: Path) -> list[tuple]:
     return sorted(zip(*(table[c].to_pylist() for c in ("row_id", "reason", "kept_row_id", "value", "evidence"))))
 
 
+@pytest.mark.slow
 def test_rerun_recomputes_nothing(tmp_path, shared_data):
     """Also: one JSONL file and two workers, so it is read in two byte ranges (the rows those give
     are a whole read's: tests/test_ingest_split.py); a rerun finds the file's result whole."""
@@ -184,6 +186,7 @@ def test_cli_ingest(tmp_path, shared_data, messy_input):
     assert "rows in" in result.stdout
 
 
+@pytest.mark.slow
 def test_unreadable_file_stops_or_is_skipped(tmp_path, shared_data):
     broken = tmp_path / "in" / "broken.json"
     broken.parent.mkdir()
@@ -210,6 +213,7 @@ def test_local_cluster_shares_the_cores_and_offers_requested_resources(tmp_path,
     assert make_task_runner(pinned).cluster_kwargs["env"]["MKL_NUM_THREADS"] == "3"
 
 
+@pytest.mark.slow
 def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, repo_root):
     """The README's main job, narrowed with --input: embedded embeddings, diversity filter, outputs."""
     out = tmp_path / "demo"
@@ -240,6 +244,7 @@ def test_demo_config_runs_from_the_cli_on_other_inputs(tmp_path, shared_data, re
     assert _report_figures(out) == figures
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_run_without_leaving_processes(tmp_path, shared_data):
     """`kill` (or a scheduler's SIGTERM) ends the run with cleanup: no orphaned workers or Prefect server."""
     out = tmp_path / "term"

@@ -36,6 +36,7 @@ print(json.dumps(facts))
 """
 
 
+@pytest.mark.slow
 def test_resolving_and_loading_the_openai_or_vllm_tokenizer_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
