@@ -134,27 +134,23 @@ def train_step(config: LLM2LLMConfig, key: str, train_parquet: str, checkpoint: 
 def evaluate_step(config: LLM2LLMConfig, checkpoint: str, sets: list[tuple[str, list[dict]]],
                   grader: Grader) -> pa.Table:
     """The checkpoint's graded answers on each ``(split, records)`` set."""
-    from thresher.generators.registry import load_model, release_model
+    from thresher.generators.registry import borrowed_model
 
     model = config.student.model_copy(update={"name": checkpoint, "revision": None})
-    student = load_model(model, cache=False)
-    try:
+    with borrowed_model(model, reason="llm2llm_evaluated", cache=False) as student:
         return pa.concat_tables([evaluate(student, records, split, grader, config.evaluation)
                                  for split, records in sets])
-    finally:
-        release_model(model, reason="llm2llm_evaluated")
 
 
 @task(name="llm2llm-augment", cache_policy=NO_CACHE)
 def augment_step(config: LLM2LLMConfig, wrong: list[tuple[dict, str]], iteration: int, kept: KeptQuestions,
                  held_out: HeldOutIndex | None, cache_path: str) -> AugmentResult:
-    from thresher.generators.registry import load_model, release_model
+    from thresher.generators.registry import borrowed_model
 
-    teacher = load_model(config.teacher.model, cache=True, cache_path=cache_path)
-    try:
+    # its room goes to the next training, unless this process held the teacher before the step
+    with borrowed_model(config.teacher.model, reason="llm2llm_augmented", cache=True,
+                        cache_path=cache_path) as teacher:
         return augment(teacher, wrong, config.teacher, iteration, kept, held_out, config.seed)
-    finally:
-        release_model(config.teacher.model, reason="llm2llm_augmented")  # its room goes to the next training
 
 
 def teacher_identity(config: LLM2LLMConfig) -> str:

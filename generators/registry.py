@@ -257,6 +257,22 @@ def release_model(cfg: ModelConfig | str | dict, reason: str = "done") -> bool:
     return _release(memo_key(as_config(cfg)), reason)
 
 
+@contextlib.contextmanager
+def borrowed_model(cfg: ModelConfig | str | dict, reason: str = "done", **load_kwargs: Any) -> Iterator[ModelBackend]:
+    """The backend for ``cfg`` during this block (:func:`load_model` with ``load_kwargs``), released
+    at its end only if this block loaded it: a model the process already held stays loaded for
+    whoever holds it (a session, a notebook, another stage in the same worker)."""
+    key = memo_key(as_config(cfg))
+    with _GLOBAL:
+        held_before = key in _LOADED
+    backend = load_model(cfg, **load_kwargs)
+    try:
+        yield backend
+    finally:
+        if not held_before:
+            _release(key, reason)
+
+
 def release_models(keep: Iterable[str] = (), reason: str = "stage_over") -> list[str]:
     """Release every loaded, unpinned model whose memo key is not in ``keep``; return their names.
 
