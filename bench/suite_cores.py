@@ -5,7 +5,8 @@ Run: ``python bench/suite_cores.py [--repeat 1] [--order off,on]``
 Issue 19 asks that the test suite get faster for ``execution.fill_cores``. This runs a fixed
 selection of the suite's flow tests that run model stages on a local Dask cluster, in one
 invocation, as two pytest sessions (each with the suite's own conftest: its Prefect server, its
-environment; one pytest process, ``-n 0``: ``bench/suite_workers.py`` measures the workers), once with ``THRESHER_FILL_CORES=0`` (the ``ExecutionConfig`` default turned off:
+environment; one pytest process, ``-n 0``: ``bench/suite_workers.py`` measures the workers),
+once with ``THRESHER_FILL_CORES=0`` (the ``ExecutionConfig`` default turned off:
 shards planned by ``shard_rows`` alone, every task at the worker's ``cores / workers`` threads)
 and once with it on (the default). The tests set no ``fill_cores`` of their own, so the
 environment decides for every run they make, in-process and through the CLI alike.

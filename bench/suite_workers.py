@@ -51,9 +51,10 @@ def run_suite(workers: str, cache_dir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"the suite failed with -n {workers}:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
     passed = re.search(r"(\d+) passed", summary)
-    return {"workers": workers, "wall_s": round(wall, 1), "cpu_busy_pct": round(100 * (busy1 - busy0) / (total1 - total0), 1),
-            "load_average_at_end": round(os.getloadavg()[0], 2), "passed": int(passed.group(1)) if passed else None,
-            "summary": summary}
+    return {"workers": workers, "wall_s": round(wall, 1),
+            "cpu_busy_pct": round(100 * (busy1 - busy0) / (total1 - total0), 1),
+            "load_average_at_end": round(os.getloadavg()[0], 2),
+            "passed": int(passed.group(1)) if passed else None, "summary": summary}
 
 
 def main() -> None:

@@ -252,16 +252,14 @@ def _release(key: str, reason: str) -> bool:
     return True
 
 
-def release_model(cfg: ModelConfig | str | dict, reason: str = "done") -> bool:
-    """Release one model (named by its config) if it is loaded; the others stay. Whether it was."""
-    return _release(memo_key(as_config(cfg)), reason)
-
-
 @contextlib.contextmanager
-def borrowed_model(cfg: ModelConfig | str | dict, reason: str = "done", **load_kwargs: Any) -> Iterator[ModelBackend]:
+def borrowed_model(cfg: ModelConfig | str | dict, reason: str = "done",
+                   **load_kwargs: Any) -> Iterator[ModelBackend]:
     """The backend for ``cfg`` during this block (:func:`load_model` with ``load_kwargs``), released
     at its end only if this block loaded it: a model the process already held stays loaded for
-    whoever holds it (a session, a notebook, another stage in the same worker)."""
+    whoever holds it (a session, a notebook, another stage in the same worker). For one block at a
+    time per model, as the LLM2LLM loop's steps run; stages share models through
+    :func:`model_scope` instead."""
     key = memo_key(as_config(cfg))
     with _GLOBAL:
         held_before = key in _LOADED

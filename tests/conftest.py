@@ -98,7 +98,7 @@ def minilm_backend():
 # ---- running on every core: pytest-xdist (`-n auto --dist loadfile` in pyproject.toml) ----
 # The suite alone kept one of 2 cores busy (44-55% CPU on 2 cores: much of a test is waiting on
 # a server, a subprocess or a cluster); one pytest worker per core, each running whole files
-# (a module's fixtures are built once), took it from 12:39 to 8:12 on 2 cores.
+# (a module's fixtures are built once), took it from 753 s to 450 s on 2 cores (bench/suite_workers.py).
 
 _WORKER_GIB = 4  # the most a worker was seen to hold: its own embedded models and vLLM engines
 

@@ -44,16 +44,14 @@ def gsm8k_parquet(shared_data, tmp_path_factory) -> Path:
 def _generates(folder: Path) -> str:
     """The checkpoint loads as any thresher model does (``model: <folder>``) and answers a chat."""
     from thresher.generators.base import SamplingParams
-    from thresher.generators.registry import load_model, release_model
+    from thresher.generators.registry import borrowed_model
 
-    model = load_model({"name": str(folder)}, cache=False)
-    try:
+    # released afterwards (this block loaded it); the session's shared models stay
+    with borrowed_model({"name": str(folder)}, cache=False) as model:
         chat = [{"role": "user", "content": "What is 2 + 2?"}]
         completion = model.chat([chat], SamplingParams(max_tokens=4))[0].completions[0]
         assert len(completion.token_ids) == 4 or completion.finish_reason == "stop"
         return model.apply_chat_template(chat)
-    finally:
-        release_model({"name": str(folder)})  # only this one: the session's shared models stay
 
 
 def _epoch_means(losses: list[dict], steps_per_epoch: int) -> list[float]:
